@@ -1,25 +1,88 @@
 """The chunked PyTorch path: the ops' numbers without Triton, in bounded memory.
 
-Logits exist only one tile of `[tokens, vocab]` at a time (at most `TILE_ELEMENTS` fp32 values), and the tiles of
-a token chunk are merged with an online log-sum-exp, exactly as the Triton kernels do it. Everything is computed in
-fp32 whatever the input dtype.
+Logits exist only one tile of `[tokens, vocab]` at a time, and the tiles of a token chunk are merged with an online
+log-sum-exp, exactly as the Triton kernels do it. Everything is computed in fp32 whatever the input dtype.
+
+Tile shapes come from how the GEMM and the passes over a tile use the cache (`tile_shape`): each GEMM call reads a
+block of hidden rows and a block of the LM head; its output tile should stay in the core's L2 cache for the passes
+that follow (max, exp, sum), and both blocks should be large enough that the BLAS library's packing of each operand
+is reused many times. A tile of a few hundred tokens by about a thousand vocabulary rows does both; a skinny tile of
+a hundred tokens by the whole vocabulary (what a fixed element budget gives) streams the whole LM head from memory
+for every token chunk and runs 1.3x slower than one full GEMM plus `log_softmax`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 
-# 4 Mi fp32 values = 16 MiB per logits tile; a few such temporaries bound the extra memory of every op.
-TILE_ELEMENTS = 1 << 22
-# Wide vocabulary tiles keep the online merge rare; a [128, 32768] fp32 tile is 16 MiB.
+# Override of the tile budget (fp32 values per `[tokens, vocab]` tile); None = sized from the L2 cache. Tests set
+# small values to force many tiles.
+TILE_ELEMENTS: int | None = None
+# Widest vocabulary block of a tile.
 MAX_VOCAB_CHUNK = 32768
+# Each GEMM operand block should feed at least this many rows of the other (BLAS packing amortised).
+MIN_GEMM_ROWS = 256
+# L2 size assumed where the OS does not report one (per core; x86 server cores have 0.5-2 MiB).
+_DEFAULT_L2_BYTES = 1 << 20
 
 
-def tile_shape(n_tokens: int, vocab: int, tile_elements: int = TILE_ELEMENTS) -> tuple[int, int]:
-    """(token chunk, vocabulary chunk) with at most `tile_elements` values per tile."""
-    vocab_chunk = max(1, min(vocab, MAX_VOCAB_CHUNK))
-    token_chunk = max(1, min(n_tokens, tile_elements // vocab_chunk))
+@functools.cache
+def _l2_cache_bytes() -> int:
+    """Per-core L2 size from sysfs (Linux), else a typical server core's."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            size = (index / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+            return int(size.rstrip("KM")) * scale
+        except (OSError, ValueError):
+            break
+    return _DEFAULT_L2_BYTES
+
+
+def tile_budget() -> int:
+    """fp32 values per tile: the L2 caches of the cores that share a tile's passes, within [512 Ki, 2 Mi]."""
+    if TILE_ELEMENTS is not None:
+        return max(1, TILE_ELEMENTS)
+    cores = max(1, torch.get_num_threads())
+    return min(1 << 21, max(1 << 19, _l2_cache_bytes() * cores // 4))
+
+
+def tile_shape(n_tokens: int, vocab: int, tile_elements: int | None = None) -> tuple[int, int]:
+    """(token chunk, vocabulary chunk) of a `[tokens, vocab]` tile of at most `tile_elements` values.
+
+    Tokens are the power of two nearest below sqrt(budget / 2), so that a tile is about twice as wide as it is tall
+    (both GEMM operands reused: a few hundred rows each at the default budget), fewer when there are fewer tokens, in
+    which case the vocabulary block widens to keep the tile at its budget.
+    """
+    budget = tile_budget() if tile_elements is None else max(1, tile_elements)
+    rows = 1 << max(0, int(math.log2(max(1.0, math.sqrt(budget / 2)))))
+    token_chunk = max(1, min(n_tokens, rows))
+    vocab_chunk = max(1, min(vocab, MAX_VOCAB_CHUNK, budget // token_chunk))
     return token_chunk, vocab_chunk
+
+
+def _row_blocks(tensor: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, 2-D view) blocks covering `tensor [..., V]` row by row, without copying strided inputs such as
+    `logits[:, :-1]` (which `reshape` would copy whole)."""
+    if tensor.dim() < 2:
+        yield 0, tensor.view(1, -1)
+        return
+    try:
+        yield 0, tensor.view(-1, tensor.shape[-1])
+        return
+    except RuntimeError:
+        pass
+    rows_per_item = math.prod(tensor.shape[1:-1])
+    for i in range(tensor.shape[0]):
+        for start, block in _row_blocks(tensor[i]):
+            yield i * rows_per_item + start, block
 
 
 def _grad_logits(
@@ -52,7 +115,8 @@ def _grad_logits(
     rows = (valid & (cols >= 0) & (cols < x.shape[-1])).nonzero().squeeze(-1)
     grad[rows, cols[rows]] += g[rows, 0]
     # Ignored rows contribute nothing, also when all their logits are -inf (lse = -inf makes p NaN there).
-    return grad.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    ignored = (~valid).nonzero().squeeze(-1)
+    return grad.index_fill_(0, ignored, 0.0) if ignored.numel() else grad
 
 
 # ----------------------------------------------------------------------------------------------- from logits
@@ -61,28 +125,41 @@ def _grad_logits(
 def token_logprobs_forward(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One read of the logits, in row chunks that stay in the cache: a max pass (which also finds where the max
+    is), then `log_softmax` into a reused buffer, from which the target's log-prob, log s = -log p(argmax), and the
+    entropy are read. No exponential is computed twice and nothing tile-sized is allocated per chunk."""
     vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
     targets = targets.reshape(-1)
-    n_rows = rows.shape[0]
-    logprobs = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logprobs)
-    entropy = torch.empty_like(logprobs) if return_entropy else logprobs.new_empty(0)
-    step = tile_shape(n_rows, vocab, TILE_ELEMENTS)[0] if vocab <= MAX_VOCAB_CHUNK else max(1, TILE_ELEMENTS // vocab)
-    for start in range(0, n_rows, step):
-        end = min(start + step, n_rows)
-        x = rows[start:end].float() / temperature
-        chunk_targets = targets[start:end]
-        valid = chunk_targets != ignore_index
-        # log_softmax forms (x - max) - log sum: exact at any logit magnitude, unlike x - logsumexp(x).
-        log_p = torch.log_softmax(x, dim=-1)
-        picked = log_p.gather(1, chunk_targets.masked_fill(~valid, 0).long().unsqueeze(1)).squeeze(1)
-        lse[start:end] = torch.logsumexp(x, dim=-1)
-        logprobs[start:end] = torch.where(valid, picked, 0.0)
-        if return_entropy:
-            p = log_p.exp()
-            ent = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
-            entropy[start:end] = torch.where(valid, ent, 0.0)
+    n_rows = targets.shape[0]
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logprobs = torch.empty(n_rows, **f32)
+    lse = torch.empty(n_rows, **f32)
+    entropy = torch.empty(n_rows, **f32) if return_entropy else logprobs.new_empty(0)
+    valid = targets != ignore_index
+    safe_targets = targets.masked_fill(~valid, 0).long().unsqueeze(1)
+    step = max(1, min(n_rows, tile_budget() // vocab))
+    scaled = torch.empty((step, vocab), **f32) if (logits.dtype != torch.float32 or temperature != 1.0) else None
+    log_p = torch.empty((step, vocab), **f32)
+    for first, block in _row_blocks(logits):
+        for start in range(0, block.shape[0], step):
+            x = block[start : start + step]
+            rows = slice(first + start, first + start + x.shape[0])
+            if scaled is not None:
+                # Upcast first, then divide, as the reference does (never a 16-bit division).
+                x = scaled[: x.shape[0]].copy_(x).div_(temperature)
+            out = log_p[: x.shape[0]]
+            row_max, argmax = x.max(dim=-1, keepdim=True)
+            # log_softmax forms (x - max) - log s: exact at any logit magnitude, unlike x - logsumexp(x).
+            torch.ops.aten._log_softmax.out(x, -1, False, out=out)
+            logprobs[rows] = out.gather(1, safe_targets[rows]).squeeze(1)
+            # At the argmax, (x - max) is exactly 0, so log p there is exactly -log s.
+            lse[rows] = (row_max - out.gather(1, argmax)).squeeze(1)
+            if return_entropy:
+                # -sum p log p, with p log p = 0 where p = 0 (and NaN kept where the logits hold NaN).
+                entropy[rows] = torch.special.entr(out.exp_()).sum(-1)
+    logprobs.masked_fill_(~valid, 0.0)
+    if return_entropy:
+        entropy.masked_fill_(~valid, 0.0)
     return logprobs, entropy, lse
 
 
@@ -97,40 +174,53 @@ def token_logprobs_backward(
     ignore_index: int,
 ) -> torch.Tensor:
     vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
     targets = targets.reshape(-1)
     grad_logprobs = grad_logprobs.reshape(-1).float()
     grad_entropy = grad_entropy.reshape(-1).float() if grad_entropy is not None else None
-    grad_rows = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
-    step = max(1, TILE_ELEMENTS // max(vocab, 1))
-    for start in range(0, rows.shape[0], step):
-        end = min(start + step, rows.shape[0])
-        chunk_targets = targets[start:end]
-        grad_rows[start:end] = _grad_logits(
-            rows[start:end].float() / temperature,
-            lse[start:end],
-            entropy[start:end] if grad_entropy is not None else None,
-            chunk_targets.long(),
-            chunk_targets != ignore_index,
-            grad_logprobs[start:end],
-            grad_entropy[start:end] if grad_entropy is not None else None,
-            temperature,
-        )
-    return grad_rows.reshape(logits.shape)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_rows = grad.view(-1, vocab)
+    step = max(1, tile_budget() // vocab)
+    for first, block in _row_blocks(logits):
+        for start in range(0, block.shape[0], step):
+            x = block[start : start + step]
+            rows = slice(first + start, first + start + x.shape[0])
+            chunk_targets = targets[rows]
+            grad_rows[rows] = _grad_logits(
+                x.float() / temperature,
+                lse[rows],
+                entropy[rows] if grad_entropy is not None else None,
+                chunk_targets.long(),
+                chunk_targets != ignore_index,
+                grad_logprobs[rows],
+                grad_entropy[rows] if grad_entropy is not None else None,
+                temperature,
+            )
+    return grad
 
 
 # ------------------------------------------------------------------------------------- from hidden and weight
 
 
-def _logits_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
+def _logits_tile(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """fp32 (hidden @ weight.T + bias) / T, scaling the small operands instead of the [tokens, vocab] tile."""
     h = hidden.float()
     if temperature != 1.0:
         h = h * (1.0 / temperature)
     w = weight.float()
     if bias is None:
-        return h @ w.T
-    return torch.addmm(bias.float() * (1.0 / temperature), h, w.T)
+        return torch.mm(h, w.T, out=out)
+    return torch.addmm(bias.float() * (1.0 / temperature), h, w.T, out=out)
+
+
+def _tile_buffer(token_chunk: int, vocab_chunk: int, device) -> torch.Tensor:
+    """Flat fp32 storage for one tile, viewed contiguously at each tile's own shape (edge tiles are smaller)."""
+    return torch.empty(token_chunk * vocab_chunk, dtype=torch.float32, device=device)
 
 
 def linear_logprobs_forward(
@@ -144,7 +234,12 @@ def linear_logprobs_forward(
     segment_ids: torch.Tensor | None = None,
     num_segments: int = 0,
 ) -> tuple[torch.Tensor, ...]:
-    """Same contract as `sarkern.kernels.linear_logprobs_forward`."""
+    """Same contract as `sarkern.kernels.linear_logprobs_forward`.
+
+    Per tile: one GEMM into a reused buffer, the target logits read from it, then max, exp and sum in place. Each
+    vocabulary block b of a token chunk leaves its max M_b, its sum S_b of exp(x - M_b) and, for the entropy, its
+    E_b = sum of -e log e; the blocks are merged once per token chunk, as the Triton kernels merge their splits.
+    """
     n_tokens = hidden.shape[0]
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -152,53 +247,53 @@ def linear_logprobs_forward(
     lse = torch.empty(n_tokens, **f32)
     entropy = torch.empty(n_tokens, **f32) if return_entropy else logprobs.new_empty(0)
     token_chunk, vocab_chunk = tile_shape(n_tokens, vocab)
+    n_blocks = -(-vocab // vocab_chunk)
     valid = targets != ignore_index
     safe_targets = targets.masked_fill(~valid, 0).long()
+    buffer = _tile_buffer(token_chunk, vocab_chunk, hidden.device)
+    block_max = torch.empty((n_blocks, token_chunk), **f32)
+    block_sum = torch.empty_like(block_max)
+    block_entropy = torch.empty_like(block_max) if return_entropy else None
     for n0 in range(0, n_tokens, token_chunk):
         n1 = min(n0 + token_chunk, n_tokens)
+        rows = n1 - n0
         h = hidden[n0:n1]
         chunk_targets = safe_targets[n0:n1]
-        # Running (max, log of the sum of exp(x - max)) rather than one lse: the log-prob is then formed as
-        # (x - max) - log sum, exact at any logit magnitude, as in the Triton kernels.
-        run_max = torch.full((n1 - n0,), float("-inf"), **f32)
-        run_log_sum = torch.full((n1 - n0,), float("-inf"), **f32)
-        run_entropy = torch.zeros(n1 - n0, **f32)
-        target_x = torch.zeros(n1 - n0, **f32)
-        for v0 in range(0, vocab, vocab_chunk):
-            v1 = min(v0 + vocab_chunk, vocab)
-            x = _logits_tile(h, weight[v0:v1], bias[v0:v1] if bias is not None else None, temperature)
-            tile_max = x.amax(dim=-1)
-            tile_shift = torch.where(tile_max > float("-inf"), tile_max, 0.0)
-            x.sub_(tile_shift.unsqueeze(1))
-            in_tile = (chunk_targets >= v0) & (chunk_targets < v1)
-            picked = x.gather(1, (chunk_targets - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
-            target_x += torch.where(in_tile, picked + tile_shift, 0.0)
-            if return_entropy:
-                e = x.exp()
-                tile_sum = e.sum(dim=-1)
-                # Entropy of the tile alone: log s - sum e (x - max) / s, with 0 * -inf counted as 0.
-                t = torch.where(e > 0, e * x, 0.0).sum(dim=-1)
-                tile_entropy = tile_sum.log() - t / tile_sum
-            else:
-                tile_sum = x.exp_().sum(dim=-1)  # in place: the tile is not needed afterwards
-            tile_log_sum = tile_sum.log()
-            new_max = torch.maximum(run_max, tile_max)
-            shift = torch.where(new_max > float("-inf"), new_max, 0.0)
-            log_w_old = run_max - shift + run_log_sum
-            log_w_new = tile_max - shift + tile_log_sum
-            new_log_sum = torch.logaddexp(log_w_old, log_w_new)
-            if return_entropy:
-                # Entropy of a union of tiles: H = sum_k w_k (H_k - log w_k), w_k = share of tile k in the sum.
-                log_w_old, log_w_new = log_w_old - new_log_sum, log_w_new - new_log_sum
-                run_entropy = torch.where(log_w_old > float("-inf"), log_w_old.exp() * (run_entropy - log_w_old), 0.0)
-                run_entropy += torch.where(log_w_new > float("-inf"), log_w_new.exp() * (tile_entropy - log_w_new), 0.0)
-            run_max, run_log_sum = new_max, new_log_sum
-        run_shift = torch.where(run_max > float("-inf"), run_max, 0.0)
+        target_x = torch.zeros(rows, **f32)
+        for b in range(n_blocks):
+            v0, v1 = b * vocab_chunk, min((b + 1) * vocab_chunk, vocab)
+            x = _logits_tile(
+                h,
+                weight[v0:v1],
+                bias[v0:v1] if bias is not None else None,
+                temperature,
+                out=buffer[: rows * (v1 - v0)].view(rows, v1 - v0),
+            )
+            # The target logit comes from the same fp32 tile as the log-sum-exp.
+            local = chunk_targets - v0
+            in_block = (local >= 0) & (local < v1 - v0)
+            picked = x.gather(1, local.clamp_(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
+            target_x = torch.where(in_block, picked, target_x)
+            tile_max = torch.amax(x, dim=1, out=block_max[b, :rows])
+            # A block of -inf logits has max -inf; shift it by 0 so that exp gives 0, not NaN.
+            x.sub_(tile_max.masked_fill(tile_max == float("-inf"), 0.0).unsqueeze(1)).exp_()
+            torch.sum(x, dim=1, out=block_sum[b, :rows])
+            if block_entropy is not None:
+                torch.sum(torch.special.entr(x, out=x), dim=1, out=block_entropy[b, :rows])
+        m, s = block_max[:, :rows], block_sum[:, :rows]
+        run_max = m.amax(dim=0)
+        shift = run_max.masked_fill(run_max == float("-inf"), 0.0)
+        scale = (m - shift).exp_()  # exp(M_b - max): 0 for an all -inf block
+        total = (scale * s).sum(dim=0)
+        log_total = total.log()
         chunk_valid = valid[n0:n1]
-        lse[n0:n1] = run_shift + run_log_sum
-        logprobs[n0:n1] = torch.where(chunk_valid, (target_x - run_shift) - run_log_sum, 0.0)
-        if return_entropy:
-            entropy[n0:n1] = torch.where(chunk_valid, run_entropy, 0.0)
+        lse[n0:n1] = shift + log_total
+        logprobs[n0:n1] = torch.where(chunk_valid, (target_x - shift) - log_total, 0.0)
+        if block_entropy is not None:
+            # H = log s + sum_b exp(M_b - max) (E_b - S_b (M_b - max)) / s; a block with weight 0 adds 0.
+            gap = torch.where(scale > 0, m - shift, 0.0)
+            spread = (scale * (block_entropy[:, :rows] - s * gap)).sum(dim=0)
+            entropy[n0:n1] = torch.where(chunk_valid, log_total + spread / total, 0.0)
 
     segment_sums = torch.zeros(num_segments if segment_ids is not None else 0, **f32)
     segment_counts = torch.zeros_like(segment_sums)
@@ -224,10 +319,81 @@ def linear_logprobs_grad_logits(
     ignore_index: int,
     col_offset: int = 0,
 ) -> torch.Tensor:
-    """Same contract as `sarkern.kernels.linear_logprobs_grad_logits`: the tile of logit gradients, copied into
-    `out` when one of another dtype is given, else the fp32 result itself (saving a copy)."""
-    x = _logits_tile(hidden, weight, bias, temperature)
+    """Same contract as `sarkern.kernels.linear_logprobs_grad_logits`: the tile of logit gradients, computed in
+    `out` when it is fp32 (and contiguous), copied into it when it has another dtype."""
+    x = _logits_tile(
+        hidden, weight, bias, temperature, out=out if out is not None and out.dtype == torch.float32 else None
+    )
     grad = _grad_logits(
         x, lse, entropy, targets.long(), targets != ignore_index, grad_logprobs, grad_entropy, temperature, col_offset
     )
     return grad if out is None or out.dtype == torch.float32 else out.copy_(grad)
+
+
+def linear_logprobs_backward(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden, weight and bias (empty when not needed), from logits recomputed one tile at a time.
+
+    Vocabulary blocks are the outer loop: a block of the LM head (and its fp32 gradient accumulator) stays in cache
+    while every token chunk passes over it, and is finished once; the hidden-state gradient accumulates in fp32 over
+    the blocks. Each tile of logit gradients feeds two GEMM updates; products and accumulators are fp32 whatever the
+    input dtype, so a 16-bit gradient is rounded once, at the end.
+    """
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    token_chunk, vocab_chunk = tile_shape(n_tokens, vocab)
+    grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else hidden.new_empty(0)
+    hidden_acc = grad_hidden if hidden.dtype == torch.float32 else torch.zeros(grad_hidden.shape, **f32)
+    grad_weight = torch.empty_like(weight) if needs_weight_grad else weight.new_empty(0)
+    weight_acc = torch.empty((vocab_chunk, dim), **f32) if needs_weight_grad else None
+    grad_bias = torch.zeros(vocab, **f32) if needs_bias_grad else None
+    grad_logprobs = grad_logprobs.float()
+    grad_entropy = grad_entropy.float() if grad_entropy is not None else None
+    buffer = _tile_buffer(token_chunk, vocab_chunk, hidden.device)
+    for v0 in range(0, vocab, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, vocab)
+        w = weight[v0:v1].float()
+        acc = weight_acc[: v1 - v0].zero_() if weight_acc is not None else None
+        for n0 in range(0, n_tokens, token_chunk):
+            n1 = min(n0 + token_chunk, n_tokens)
+            h = hidden[n0:n1].float()
+            grad_tile = linear_logprobs_grad_logits(
+                buffer[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0),
+                h,
+                w,
+                bias[v0:v1] if bias is not None else None,
+                targets[n0:n1],
+                lse[n0:n1],
+                entropy[n0:n1] if entropy is not None else None,
+                grad_logprobs[n0:n1],
+                grad_entropy[n0:n1] if grad_entropy is not None else None,
+                temperature,
+                ignore_index,
+                col_offset=v0,
+            )
+            if needs_hidden_grad:
+                hidden_acc[n0:n1].addmm_(grad_tile, w)
+            if acc is not None:
+                acc.addmm_(grad_tile.T, h)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += grad_tile.sum(0)
+        if acc is not None:
+            grad_weight[v0:v1] = acc
+    if needs_hidden_grad and hidden_acc is not grad_hidden:
+        grad_hidden.copy_(hidden_acc)
+    grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
+    return grad_hidden, grad_weight, grad_bias

@@ -309,34 +309,39 @@ def _linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden, weight and bias (empty when not needed), from logits recomputed one tile at a time:
     each `[tokens, vocab]` tile of logit gradients becomes two GEMM updates, so memory stays at one tile."""
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    if select_backend(hidden.device) == "triton":
-        # GPU: tiles in the input dtype feed tensor-core GEMMs; the weight gradient accumulates in its own dtype
-        # across token chunks (an fp32 [V, D] buffer would exceed the memory budget of DESIGN.md section 4).
-        grad_logits_tile = kernels().linear_logprobs_grad_logits
-        token_chunk, vocab_chunk = _GPU_BACKWARD_TILE
-        tile_dtype = hidden.dtype
-    else:
-        # PyTorch path: fp32 tiles, fp32 products and fp32 accumulators, whatever the input dtype.
-        grad_logits_tile = chunked.linear_logprobs_grad_logits
-        token_chunk, vocab_chunk = chunked.tile_shape(n_tokens, vocab)
-        tile_dtype = torch.float32
-    token_chunk, vocab_chunk = max(1, min(token_chunk, n_tokens)), max(1, min(vocab_chunk, vocab))
-    fp32_products = tile_dtype == torch.float32
-    operand = (lambda t: t.float()) if fp32_products else (lambda t: t)
+    args = (grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index)
+    needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad)
+    if select_backend(hidden.device) != "triton":
+        return chunked.linear_logprobs_backward(*args, *needs)
+    return _linear_backward_triton(*args, *needs)
 
+
+def _linear_backward_triton(
+    grad_logprobs: Tensor,
+    grad_entropy: Optional[Tensor],
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    temperature: float,
+    ignore_index: int,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GPU: tiles in the input dtype, written by the Triton kernel, feed tensor-core GEMMs; the weight gradient
+    accumulates in its own dtype across token chunks (an fp32 [V, D] buffer would exceed the memory budget of
+    DESIGN.md section 4)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    token_chunk = max(1, min(_GPU_BACKWARD_TILE[0], n_tokens))
+    vocab_chunk = max(1, min(_GPU_BACKWARD_TILE[1], vocab))
     grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else hidden.new_empty(0)
     grad_weight = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
-    weight_acc = grad_weight
-    if needs_weight_grad and fp32_products and weight.dtype != torch.float32:
-        weight_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if needs_bias_grad else None
-    # The Triton kernel writes into a reused tile; the PyTorch path returns a fresh fp32 tile of its own.
-    tile = (
-        None
-        if fp32_products and grad_logits_tile is chunked.linear_logprobs_grad_logits
-        else (torch.empty((token_chunk, vocab_chunk), dtype=tile_dtype, device=hidden.device))
-    )
+    # Every tile is written into one reused buffer, viewed contiguously at that tile's shape (edge tiles are smaller).
+    tile_buffer = torch.empty(token_chunk * vocab_chunk, dtype=hidden.dtype, device=hidden.device)
     grad_logprobs = grad_logprobs.float().contiguous()
     grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
     for n0 in range(0, n_tokens, token_chunk):
@@ -346,8 +351,8 @@ def _linear_backward_op(
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, vocab)
             w = weight[v0:v1]
-            grad_tile = grad_logits_tile(
-                tile[: n1 - n0, : v1 - v0] if tile is not None else None,
+            grad_tile = kernels().linear_logprobs_grad_logits(
+                tile_buffer[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0),
                 h,
                 w,
                 bias[v0:v1] if bias is not None else None,
@@ -361,18 +366,13 @@ def _linear_backward_op(
                 col_offset=v0,
             )
             if needs_hidden_grad:
-                if fp32_products:
-                    hidden_acc.addmm_(grad_tile, operand(w))
-                else:
-                    hidden_acc += grad_tile @ w
+                hidden_acc += grad_tile @ w
             if needs_weight_grad:
-                weight_acc[v0:v1].addmm_(grad_tile.T, operand(h))
+                grad_weight[v0:v1].addmm_(grad_tile.T, h)
             if grad_bias is not None:
                 grad_bias[v0:v1] += grad_tile.sum(0, dtype=torch.float32)
         if needs_hidden_grad:
             grad_hidden[n0:n1] = hidden_acc
-    if weight_acc is not grad_weight:
-        grad_weight.copy_(weight_acc)
     grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
     return grad_hidden, grad_weight, grad_bias
 

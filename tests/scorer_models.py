@@ -2,13 +2,18 @@
 
 The models use a large initialisation scale so that their next-token distributions are far from uniform and depend
 strongly on context: a scorer that attended to the wrong keys, used the wrong positions or the wrong hidden state
-would be off by far more than the tests' 1e-5 relative tolerance (``test_scorer.py`` checks that this is so).
+would be off by far more than the tests' tolerance (``test_scorer.py`` checks that this is so).
+
+The naive references run a float64 copy of the model, so they are exact up to float64 rounding; what the fp32
+scorer may differ by is bounded by ``fp32_nll_tolerance``, derived from fp32 rounding, never from one machine's run.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import string
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -114,14 +119,27 @@ def plain_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+_FLOAT64_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode float64 copy of ``model``, made again whenever one of its parameters changed."""
+    versions = tuple(p._version for p in model.parameters())
+    cached = _FLOAT64_COPIES.get(model)
+    if cached is None or cached[0] != versions:
+        cached = (versions, copy.deepcopy(model).double().eval())
+        _FLOAT64_COPIES[model] = cached
+    return cached[1]
+
+
 def naive_token_logprobs(
     model: torch.nn.Module, prefix: Sequence[int], completion: Sequence[int], temperature: float = 1.0
 ) -> torch.Tensor:
-    """float64 log p(completion_t | prefix, completion_<t) from one plain forward: ``model(ids).logits`` and
-    ``log_softmax``, the way the paper scores a sequence."""
+    """log p(completion_t | prefix, completion_<t) from one plain float64 forward of the model's weights:
+    ``model(ids).logits`` and ``log_softmax``, the way the paper scores a sequence."""
     ids = torch.tensor([list(prefix) + list(completion)])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double() / temperature
+        logits = float64_copy(model)(input_ids=ids).logits[0] / temperature
     logp = torch.log_softmax(logits, dim=-1)
     p = len(prefix)
     rows = logp[p - 1 : p - 1 + len(completion)]
@@ -132,6 +150,38 @@ def naive_perplexity(
     model: torch.nn.Module, prefix: Sequence[int], completion: Sequence[int], temperature: float = 1.0
 ) -> float:
     return math.exp(-naive_token_logprobs(model, prefix, completion, temperature).mean().item())
+
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def logit_bound(model: torch.nn.Module) -> float:
+    """An upper bound on |logit| for any input, from the weights alone: the final RMSNorm's output has norm at most
+    sqrt(D) * max|gamma|, so by Cauchy-Schwarz |z_v| <= sqrt(D) * max|gamma| * max_v ||w_v|| (+ |bias|)."""
+    gamma = model.get_decoder().norm.weight
+    head = model.get_output_embeddings()
+    bound = math.sqrt(gamma.numel()) * gamma.abs().max().item() * head.weight.norm(dim=1).max().item()
+    if getattr(head, "bias", None) is not None:
+        bound += head.bias.abs().max().item()
+    return bound
+
+
+def fp32_nll_tolerance(model: torch.nn.Module, max_len: int, temperature: float = 1.0) -> float:
+    """How far an fp32 forward's mean NLL of a sequence of at most ``max_len`` tokens may be from the exact one.
+
+    First-order rounding model: the forward is a chain of 3L + 1 stages (per layer attention, MLP and norm, then the
+    LM head), each output a sum of at most n terms (n = the widest of hidden size, MLP width, head size and sequence
+    length). A sum of n fp32 terms is off by at most n * u of its terms' scale (u = 2^-24; Higham, *Accuracy and
+    Stability of Numerical Algorithms*, section 3.1); measured against the logits' scale (``logit_bound``) the errors
+    add along the residual stream, and a log-prob ``z_t - logsumexp(z)`` moves by at most twice the largest logit
+    error. The mean of per-token errors is bounded by their maximum, and to first order the same number bounds the
+    relative error of a perplexity (the exp of the mean). Two fp32 results (say whole and split passes, which sum in
+    different orders) may differ by twice this.
+    """
+    config = model.config
+    widest = max(config.hidden_size, config.intermediate_size, getattr(config, "head_dim", 0) or 0, max_len)
+    stages = 3 * config.num_hidden_layers + 1
+    return 2 * stages * widest * FP32_UNIT_ROUNDOFF * logit_bound(model) / temperature
 
 
 def random_ids(generator: torch.Generator, length: int, low: int = 6, high: int = TOKENIZER_VOCAB) -> list[int]:

@@ -119,7 +119,7 @@ def test_bf16_gradients_accumulate_in_fp32_on_the_torch_path(monkeypatch):
     """Many token chunks and signed upstream gradients (partial sums larger than the result): a bf16 rounding per
     chunk would show; fp32 accumulation leaves only the final rounding of the exact gradient to bf16."""
     monkeypatch.setenv("SARKERN_BACKEND", "torch")
-    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 32 * 512)  # 32-token chunks: 64 of them
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 32 * 64)  # [32 tokens x 64 vocab] tiles: 64 token chunks
     g = torch.Generator().manual_seed(0)
     n, dim, vocab = 2048, 64, 512
     hidden = torch.randn(n, dim, generator=g).bfloat16().to(DEVICE).requires_grad_(True)
