@@ -2,8 +2,9 @@
 
 Writes, under `benchmarks/results/`, for one run tagged `<device>-<date>`:
 - `<tag>.json`: pytest-benchmark's JSON (machine, versions, GPU name, every round);
-- `<tag>.md`: per group, each contender's median time and peak memory, and both as a ratio to sarkern's;
-  skipped contenders with their reasons;
+- `<tag>.md`: what each contender computes, in words; per group, each contender's median time (with the fastest
+  and slowest round) and peak memory, and both as a ratio to the group's baseline (naive PyTorch for the ops, the
+  paper's way for scoring); skipped contenders with their reasons;
 - `<tag>.png`: the same ratios as a plot.
 
 `python benchmarks/run.py --report FILE.json` re-renders the table and the plot of an earlier run.
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import labels
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -73,14 +76,26 @@ def _rows(data: dict) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
+        stats = bench["stats"]
         groups.setdefault(bench["group"] or "ungrouped", []).append(
             {
                 "contender": info.get("contender", bench["name"]),
-                "median_s": bench["stats"]["median"],
+                "family": info.get("family", ""),
+                "median_s": stats["median"],
+                "min_s": stats["min"],
+                "max_s": stats["max"],
+                "rounds": stats["rounds"],
                 "peak_mib": info.get("peak_mib"),
             }
         )
     return groups
+
+
+def _baseline(rows: list[dict]) -> dict | None:
+    """The row each group's ratios are taken against: naive PyTorch for the ops, the paper's way for scoring."""
+    family = rows[0]["family"] if rows else ""
+    name = labels.BASELINES.get(family, BASELINE)
+    return next((r for r in rows if r["contender"] == name), None)
 
 
 def _ratio(value, base) -> str:
@@ -102,21 +117,26 @@ def render(json_path: Path, junit_path: Path | None = None) -> tuple[Path, Path]
         f"transformers {machine.get('transformers')}, trl {machine.get('trl')}",
         f"- date: {data.get('datetime')}; commit: {data.get('commit_info', {}).get('id', '?')[:10]}",
         "",
-        "Median time and peak memory beyond the inputs; ratios are to sarkern in the same group (lower is better "
-        "for sarkern when the other's ratio is above 1).",
+        "Each group runs its contenders side by side in one run on the same inputs. Time: median over the rounds, "
+        "with the fastest and slowest round; memory: peak beyond the inputs (on CPU, a fresh process per contender). "
+        "Ratios are to the group's baseline, named in its heading: below 1 is faster or smaller than the baseline.",
         "",
     ]
+    seen = sorted({r["contender"] for rows in groups.values() for r in rows})
+    lines += ["## Contenders", ""] + [f"- **{labels.label(c)}**: {labels.description(c)}." for c in seen] + [""]
     for group, rows in sorted(groups.items()):
-        base = next((r for r in rows if r["contender"] == BASELINE), None)
+        base = _baseline(rows)
+        base_name = labels.label(base["contender"]) if base else "n/a"
         lines += [
-            f"## {group}",
+            f"## {group} (ratios to {base_name})",
             "",
-            "| contender | median | time vs sarkern | peak MiB | memory vs sarkern |",
-            "|---|---|---|---|---|",
+            "| contender | median | fastest - slowest (rounds) | time ratio | peak MiB | memory ratio |",
+            "|---|---|---|---|---|---|",
         ]
         for row in sorted(rows, key=lambda r: r["median_s"]):
             lines.append(
-                f"| {row['contender']} | {row['median_s'] * 1e3:.1f} ms | "
+                f"| {labels.label(row['contender'])} | {row['median_s'] * 1e3:.1f} ms | "
+                f"{row['min_s'] * 1e3:.1f} - {row['max_s'] * 1e3:.1f} ms ({row['rounds']}) | "
                 f"{_ratio(row['median_s'], base and base['median_s'])} | {row['peak_mib']} | "
                 f"{_ratio(row['peak_mib'], base and base['peak_mib'])} |"
             )
@@ -141,20 +161,21 @@ def _plot(groups: dict[str, list[dict]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.6 * len(names)), squeeze=False)
     for ax, group in zip(axes[:, 0], names):
         rows = groups[group]
-        base = next((r for r in rows if r["contender"] == BASELINE), None)
-        labels = [r["contender"] for r in rows]
+        base = _baseline(rows)
+        base_name = labels.label(base["contender"]) if base else "n/a"
+        names_ = [labels.label(r["contender"]) for r in rows]
         times = [r["median_s"] / base["median_s"] if base else 0 for r in rows]
         mems = [
             (r["peak_mib"] / base["peak_mib"]) if base and base["peak_mib"] and r["peak_mib"] is not None else 0
             for r in rows
         ]
         xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], times, width=0.4, label="time / sarkern")
-        ax.bar([x + 0.2 for x in xs], mems, width=0.4, label="peak memory / sarkern")
+        ax.bar([x - 0.2 for x in xs], times, width=0.4, label=f"time / {base_name}")
+        ax.bar([x + 0.2 for x in xs], mems, width=0.4, label=f"peak memory / {base_name}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         positive = [r for r in times + mems if r > 0]
         ax.set_ylim(min(0.5, min(positive, default=1) / 1.5), max(2.0, max(positive, default=1) * 1.5))
-        ax.set_xticks(list(xs), labels)
+        ax.set_xticks(list(xs), names_, fontsize=7)
         ax.set_yscale("log")
         ax.set_title(group, fontsize=9)
         ax.legend(fontsize=7)

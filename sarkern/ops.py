@@ -190,9 +190,9 @@ def token_logprobs(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """fp32 `log softmax(logits / temperature)[targets]` for `logits [..., V]` and `targets [...]`.
 
-    One read of the logits, fp32 accumulation whatever their dtype; positions whose target is `ignore_index`
-    give 0 (and no gradient). With `return_entropy=True`, also returns the fp32 entropy of
-    `softmax(logits / temperature)` at each position (0 where ignored). Differentiable with respect to `logits`.
+    One read of the logits, fp32 accumulation whatever their dtype. With `return_entropy=True`, also returns the
+    fp32 entropy of `softmax(logits / temperature)` at each position. Positions whose target is `ignore_index` give
+    log-prob 0 and entropy 0, and pass no gradient. Differentiable with respect to `logits`.
     """
     _check_float("logits", logits)
     _check_index("targets", targets)
@@ -477,7 +477,8 @@ def linear_token_logprobs(
     """`token_logprobs(hidden @ weight.T + bias, targets, ...)` without ever allocating `[tokens, V]` logits.
 
     `hidden [..., D]`, `weight [V, D]` (the LM head), `bias [V]` or None, `targets [...]`; fp32 results of shape
-    `targets.shape`. Differentiable with respect to `hidden`, `weight` and `bias`.
+    `targets.shape`. Positions whose target is `ignore_index` give log-prob 0 and (with `return_entropy=True`)
+    entropy 0, and pass no gradient. Differentiable with respect to `hidden`, `weight` and `bias`.
     """
     _check_linear_inputs(hidden, weight, bias, targets)
     lead = targets.shape
