@@ -67,6 +67,13 @@ def test_strided_logits_are_read_in_place(backend):
     targets = random_targets((3, 8), 70)
     out = sarkern.token_logprobs(logits, targets)
     torch.testing.assert_close(out.double(), reference.token_logprobs(logits.double(), targets), atol=1e-5, rtol=0)
+    # Gradients land at the strided rows' own positions.
+    full.requires_grad_(True)
+    full_ref = full.detach().double().requires_grad_(True)
+    weights = torch.randn(3, 8, dtype=torch.float64, device=DEVICE)
+    (sarkern.token_logprobs(full[:, :-1], targets) * weights).sum().backward()
+    (reference.token_logprobs(full_ref[:, :-1], targets) * weights).sum().backward()
+    assert_grad_close(full.grad, full_ref.grad, torch.float32, "grad of strided logits")
 
 
 def test_extreme_logits(backend):
