@@ -212,7 +212,8 @@ class SARScorer:
         validate_placeholder_preset(placeholder)
         if placeholder_ids is not None and placeholder != "template":
             raise ValueError(f"pass either placeholder_ids or placeholder={placeholder!r}, not both")
-        if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
+        floating = isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point
+        if autocast_dtype is not None and not floating:
             raise ValueError(f"autocast_dtype must be a floating-point torch.dtype, got {autocast_dtype!r}")
         if forward_context is not None and not callable(forward_context):
             raise TypeError("forward_context must be a callable that returns a context manager")
