@@ -14,6 +14,7 @@ is measured in ``tests/test_capture.py`` and bounded by :data:`CAPTURE_NLL_BOUND
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -48,6 +49,7 @@ class SamplingLogprobCapture(LogitsProcessor):
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         self.temperature = float(temperature)
         self.calls = 0
+        self.seconds = 0.0  # host time spent capturing (SAR's cost inside generation)
         self._last: torch.Tensor | None = None  # [batch, vocab] log-probs of the latest step
         self._logprobs: list[torch.Tensor] = []  # per step: [batch] log-prob of the token sampled at that step
         self._tokens: list[torch.Tensor] = []  # per step: [batch] the token sampled at that step
@@ -57,6 +59,7 @@ class SamplingLogprobCapture(LogitsProcessor):
         self._tokens.append(tokens)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        start = time.perf_counter()
         if self._last is not None:
             if input_ids.shape[0] != self._last.shape[0]:
                 raise CaptureMismatchError(
@@ -65,11 +68,13 @@ class SamplingLogprobCapture(LogitsProcessor):
             self._record_sampled(input_ids[:, -1])  # sampled from the previous step's distribution
         self._last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         self.calls += 1
+        self.seconds += time.perf_counter() - start
         return scores
 
     def per_completion(self, completion_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """The captured fp32 log-probs of each completion's tokens (CPU tensors), checked token by token against the
         completions `generate` returned (TRL cuts each after its first EOS)."""
+        start = time.perf_counter()
         batch = len(completion_ids)
         if self.calls == 0 or self._last is None:
             raise CaptureMismatchError("the sampling log-prob capture saw no generation step")
@@ -93,6 +98,7 @@ class SamplingLogprobCapture(LogitsProcessor):
             if n > recorded:  # its last token was sampled at the last captured step
                 row = torch.cat([row, last[i, completion[-1]].reshape(1).cpu()])
             rows.append(row.float())
+        self.seconds += time.perf_counter() - start
         return rows
 
 

@@ -284,6 +284,7 @@ class SARGRPOTrainer(GRPOTrainer):
         with capture_sampling_logprobs(self.accelerator.unwrap_model(self.model_wrapped), self.temperature) as capture:
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         self._sar_batch["captured_logps"] = capture.per_completion(completion_ids)  # checked token by token
+        self._sar_batch["capture_seconds"] = capture.seconds  # counted as SAR's time
         return completion_ids, logprobs
 
     def _generate(self, prompts):
@@ -386,7 +387,7 @@ class SARGRPOTrainer(GRPOTrainer):
         scores = self.sar_scorer.score(
             batch["prompt_ids"], completion_ids, cond_logprobs=cond_logprobs, placeholder_ids=placeholder_ids
         )
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + batch.get("capture_seconds", 0.0)
         if source is not None and source not in self._sar_verified:
             self._verify_reuse(source, scores.ppl_cond.cpu(), fresh.ppl_cond.cpu(), scores.valid.cpu())
         self._sar_seconds_in_step += seconds
