@@ -92,8 +92,16 @@ def test_placeholder_keeps_the_system_message_and_chat_template_kwargs(tmp_path)
         chat_template_kwargs={"enable_thinking": False},
     )
     calls = record_score_calls(trainer.sar_scorer)
+    generated_from = []  # the prompt ids the policy generated from (after any truncation TRL applies)
+    generate_single_turn = trainer._generate_single_turn
+
+    def recorded_generate(prompt_ids, *args, **kwargs):
+        generated_from.append([list(p) for p in prompt_ids])
+        return generate_single_turn(prompt_ids, *args, **kwargs)
+
+    trainer._generate_single_turn = recorded_generate
     trainer.train()
-    assert calls
+    assert calls and all([list(p) for p in call["prompt_ids"]] == generated_from[-1] for call in calls)
     scaffold = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
     generation_prompt = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
     expected = encode(tokenizer, scaffold + "<|im_end|>\n" + generation_prompt)
