@@ -351,6 +351,12 @@ class SARGRPOTrainer(GRPOTrainer):
                 return "old", batch["old_logps"]
         if batch.get("captured_logps") is not None:
             return "captured", batch["captured_logps"]
+        if self._capture_during_generation():
+            raise TRLInternalsError(
+                f"TRL {trl.__version__} generated without GRPOTrainer._generate_single_turn, so no sampling log-probs "
+                "were captured; SARGRPOTrainer was tested with TRL "
+                f">={TESTED_TRL[0]},<{TESTED_TRL[1]}"
+            )
         if batch.get("vllm_logps") is not None:
             return "vllm", batch["vllm_logps"]
         return None, None

@@ -3,6 +3,7 @@ over all processes, and loud failures where TRL's internals differ from what the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -223,6 +224,13 @@ def test_wrong_captured_logprobs_fail_loudly(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.temperature = 0.5  # what the capture uses; the scorer and TRL's generation stay at 1.0
     with pytest.raises(CaptureMismatchError, match="captured log-probs differ from a fresh conditioned pass"):
+        trainer.train()
+
+
+def test_generation_that_bypasses_the_capture_fails_loudly(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path)
+    monkeypatch.setattr(trainer, "_generate_single_turn", functools.partial(GRPOTrainer._generate_single_turn, trainer))
+    with pytest.raises(TRLInternalsError, match="no sampling log-probs were captured"):
         trainer.train()
 
 
