@@ -323,3 +323,16 @@ def test_metrics_plot_has_a_moving_average_and_sar_panels(tmp_path, monkeypatch)
     for ax in visible:
         points, average = ax.get_lines()
         assert list(average.get_ydata()) == moving_average([float(s % 3) for s in range(1, 21)], 2)
+
+
+def test_cli_placeholder_option(tmp_path):
+    from sarkern.cli import build_trainer, parse_options
+
+    options = parse_options(["train", "--placeholder", "paper", "--output-dir", str(tmp_path), "--num-problems", "8"])
+    trainer = build_trainer(options)
+    assert trainer.args.sar_placeholder == "paper"
+    assert trainer.sar_scorer.placeholder_ids == trainer.sar_scorer.placeholder_prompts.default
+    assert PAPER_SYSTEM_PROMPT in trainer.processing_class.decode(trainer.sar_scorer.placeholder_ids)
+    assert parse_options(["train"]).placeholder == "template"
+    with pytest.raises(SystemExit):
+        parse_options(["train", "--placeholder", "question"])
