@@ -29,7 +29,7 @@ setup(
     extras_require={
         "train": [
             "transformers>=4.56",
-            "trl>=1.15,<2",
+            "trl>=1.16,<2",  # tested: >=1.16,<1.17 (sarkern.trainer.TESTED_TRL)
             "accelerate>=1.4",
             "datasets>=3.0",
             "math-verify>=0.7",

@@ -33,6 +33,7 @@ class TrainOptions:
     num_problems: int = 2000  # synthetic task size
     reward: str = "sar"  # sar | none | self_confidence | o1_pruner | efficient_reasoner
     sar_weight: float = 0.2
+    placeholder: str = "template"  # SAR's placeholder prompt: template (chat template, system kept) | paper
     correctness_weight: float = 1.0
     length_penalty_weight: float = 0.2  # for o1_pruner / efficient_reasoner
     steps: int = 100
@@ -83,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                 "self_confidence: SAR without the comparison; o1_pruner, efficient_reasoner: "
                 "the paper's length-penalty baselines",
             )
+        elif f.name == "placeholder":
+            train.add_argument(
+                flag, dest=f.name, choices=("template", "paper"), default=None,
+                help="SAR's placeholder prompt: template (default: the chat template with the question emptied, "
+                "system messages kept) or paper (the official code's fixed system prompt)",
+            )  # fmt: skip
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             train.add_argument(flag, dest=f.name, type=kind, default=None, help=f"default: {f.default}")
@@ -196,6 +203,7 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
     dataset = load_dataset_for(options)
     model, tokenizer = load_model_and_tokenizer(options.model)
     funcs, weights, sar = reward_setup(options)
+    sar["sar_placeholder"] = options.placeholder
     use_cpu = (not torch.cuda.is_available()) if options.use_cpu is None else options.use_cpu
     batch = options.prompts_per_step * options.num_generations
     config = SARGRPOConfig(

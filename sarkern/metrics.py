@@ -76,8 +76,33 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(path: str | Path, out: str | Path) -> Path:
-    """Reward, accuracy and mean completion length against step, from a metrics JSONL file."""
+# Panels of metrics.png: (title, key in the logs). SAR's own panels are drawn when the run logged them.
+PLOT_PANELS = (
+    ("reward", "reward"),
+    ("accuracy", "rewards/correctness/mean"),
+    ("completion length (tokens)", "completions/mean_length"),
+    ("SAR reward", "rewards/sar/mean"),
+    ("ppl(a|q)", "sar/ppl_cond"),
+    ("ppl(a) (placeholder)", "sar/ppl_uncond"),
+)
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` finite values (NaN, i.e. not logged, are skipped; NaN until one is
+    seen)."""
+    out, recent = [], []
+    for value in values:
+        if value is not None and math.isfinite(value):
+            recent.append(value)
+            recent = recent[-window:]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
+def plot_metrics(path: str | Path, out: str | Path, window: int | None = None) -> Path:
+    """Reward, accuracy, completion length and, when logged, SAR's reward, ``ppl(a|q)`` and ``ppl(a)`` against step,
+    from a metrics JSONL file: each step as a faint point, and a trailing moving average over ``window`` steps
+    (default: a tenth of the run, at least 1) as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,17 +110,21 @@ def plot_metrics(path: str | Path, out: str | Path) -> Path:
 
     records = read_metrics(path)
     steps = [r["step"] for r in records]
-    panels = (
-        ("reward", "reward"),
-        ("accuracy", "rewards/correctness/mean"),
-        ("completion length", "completions/mean_length"),
-    )
-    fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.2))
-    for ax, (title, key) in zip(axes, panels):
-        ax.plot(steps, [r.get(key, math.nan) for r in records], marker=".")
+    window = window or max(1, len(records) // 10)
+    panels = [(title, key) for title, key in PLOT_PANELS if any(key in r for r in records)]
+    columns = 3
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(12, 3.2 * rows), squeeze=False)
+    for ax, (title, key) in zip(axes.flat, panels):
+        values = [r.get(key) if r.get(key) is not None else math.nan for r in records]
+        ax.plot(steps, values, ".", alpha=0.3, color="tab:blue", label="per step")
+        ax.plot(steps, moving_average(values, window), "-", color="tab:blue", label=f"mean of {window} steps")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -9,6 +9,15 @@ comparison measures the template rather than the question. So it is built from t
 * without one: the plain-text fallback ``"User: \\nAssistant: "`` (``"System: ...\\n"`` first when there is a system
   message), tokenized with the tokenizer's usual special tokens;
 * or given explicitly as token ids.
+
+Two presets choose the conversation the placeholder is built from (``PLACEHOLDER_PRESETS``):
+
+* ``"template"`` (default): each prompt's own system/developer messages and an empty user turn;
+* ``"paper"``: the official SAR code's fixed system prompt (:data:`PAPER_SYSTEM_PROMPT`) and an empty user turn, the
+  same for every prompt, to reproduce the paper's runs.
+
+:class:`PlaceholderPrompts` builds the placeholder of each prompt of a batch (cached per distinct system message);
+``SelfAlignedReward`` and ``SARGRPOTrainer`` both use it, so both score ``ppl(a)`` after the same prefix.
 """
 
 from __future__ import annotations
@@ -20,13 +29,23 @@ from typing import Any
 import torch
 
 __all__ = [
+    "PAPER_SYSTEM_PROMPT",
+    "PLACEHOLDER_PRESETS",
     "PLAIN_TEXT_PLACEHOLDER",
+    "PlaceholderPrompts",
     "build_placeholder_ids",
     "placeholder_conversation",
     "validate_token_ids",
 ]
 
 PLAIN_TEXT_PLACEHOLDER = "User: \nAssistant: "
+
+PLACEHOLDER_PRESETS = ("template", "paper")
+
+# The fixed system prompt of the paper's official implementation, used by its placeholder prompt.
+PAPER_SYSTEM_PROMPT = (
+    "You are a reasoning expert assistant. Given a question, you will use your reasoning skills to solve the problem."
+)
 
 # Roles whose messages stay in the placeholder conversation: they set up the assistant, they do not ask anything.
 _KEPT_ROLES = ("system", "developer")
@@ -153,3 +172,71 @@ def validate_token_ids(ids: Any, *, name: str, vocab_size: int | None = None, al
             bad = low if low < 0 else high
             raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
     return out
+
+
+def validate_placeholder_preset(preset: Any) -> str:
+    if preset not in PLACEHOLDER_PRESETS:
+        raise ValueError(f"placeholder preset must be one of {PLACEHOLDER_PRESETS}, got {preset!r}")
+    return preset
+
+
+def is_conversation(prompt: Any) -> bool:
+    """Whether ``prompt`` is a list of chat messages (TRL's conversational format) rather than plain text."""
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, (str, bytes))
+        and len(prompt) > 0
+        and all(isinstance(m, Mapping) for m in prompt)
+    )
+
+
+class PlaceholderPrompts:
+    """The placeholder prompt of each prompt of a batch, built the way the real prompts are rendered.
+
+    Args:
+        tokenizer: the tokenizer (or processor) that renders the real prompts.
+        preset: ``"template"`` (each conversational prompt's system/developer messages kept) or ``"paper"`` (the
+            official code's fixed system prompt for every prompt).
+        chat_template_kwargs: the arguments the real prompts are rendered with (e.g. ``{"enable_thinking": False}``).
+        placeholder_ids: explicit ids for every prompt; then no preset applies.
+
+    ``default`` is the placeholder of a plain-text prompt (and of every prompt with ``"paper"`` or explicit ids): the
+    chat template with an empty user turn, or the plain-text fallback without a template.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        preset: str = "template",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        placeholder_ids: Sequence[int] | None = None,
+    ) -> None:
+        self.preset = validate_placeholder_preset(preset)
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.explicit = placeholder_ids is not None
+        if placeholder_ids is not None:
+            self.default = [int(i) for i in placeholder_ids]
+        elif tokenizer is None:
+            raise ValueError("building a placeholder prompt needs a tokenizer or explicit placeholder_ids")
+        else:
+            system = PAPER_SYSTEM_PROMPT if preset == "paper" else None
+            self.default = build_placeholder_ids(
+                tokenizer, system_message=system, chat_template_kwargs=self.chat_template_kwargs
+            )
+        self._cache: dict[str, list[int]] = {}
+
+    def for_prompt(self, prompt: Any) -> list[int]:
+        """Placeholder ids for one prompt (text or chat messages)."""
+        if self.explicit or self.preset == "paper" or not is_conversation(prompt):
+            return self.default
+        key = repr(placeholder_conversation(prompt))  # what the placeholder depends on: kept messages, content form
+        if key not in self._cache:
+            self._cache[key] = build_placeholder_ids(
+                self.tokenizer, prompt, chat_template_kwargs=self.chat_template_kwargs
+            )
+        return self._cache[key]
+
+    def for_prompts(self, prompts: Sequence[Any]) -> list[list[int]]:
+        return [self.for_prompt(p) for p in prompts]

@@ -19,8 +19,8 @@ to floating-point reassociation. Whatever the scorer cannot reproduce exactly it
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ from .attention import (
     register_attention,
 )
 from .ops import sequence_perplexity
-from .placeholder import build_placeholder_ids, validate_token_ids
+from .placeholder import PlaceholderPrompts, is_conversation, validate_placeholder_preset, validate_token_ids
 from .sar import sar_reward_from_nll, validate_sar_options
 
 __all__ = [
@@ -174,6 +174,15 @@ class SARScorer:
         attention_backend: ``"auto"`` (flash-attn varlen on CUDA with fp16/bf16 when installed, else SDPA),
             ``"flash"`` or ``"sdpa"``.
         chat_template_kwargs: passed to the tokenizer's chat template when building the placeholder.
+        placeholder: the placeholder preset when ``placeholder_ids`` is not given: ``"template"`` (the chat template
+            with an empty user turn) or ``"paper"`` (the official code's fixed system prompt, an empty user turn).
+        autocast_dtype: run the scoring forward under ``torch.autocast(device, autocast_dtype)``, as a trainer with
+            mixed precision runs the policy (e.g. ``torch.bfloat16`` for fp32 weights trained with ``bf16=True``).
+        forward_context: a callable returning a context manager that every scoring forward runs inside (a trainer
+            passes ``accelerator.autocast``, so both SAR halves come from the policy's own precision).
+        lm_head_fp32: under autocast, still project onto the vocabulary in fp32 (TRL's ``cast_lm_head_to_fp32``).
+            Otherwise, under an enabled autocast, the LM head's inputs are cast to the autocast dtype, as an
+            autocast ``nn.Linear`` (and TRL's fused LM head) does.
 
     Raises:
         UnsupportedModelError: for a model it cannot score exactly, naming the reason.
@@ -194,8 +203,20 @@ class SARScorer:
         empty_completions: Literal["nan", "raise"] = "nan",
         attention_backend: AttentionBackend = "auto",
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        placeholder: Literal["template", "paper"] = "template",
+        autocast_dtype: torch.dtype | None = None,
+        forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+        lm_head_fp32: bool = False,
     ) -> None:
         check_model_supported(model)
+        validate_placeholder_preset(placeholder)
+        if placeholder_ids is not None and placeholder != "template":
+            raise ValueError(f"pass either placeholder_ids or placeholder={placeholder!r}, not both")
+        floating = isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point
+        if autocast_dtype is not None and not floating:
+            raise ValueError(f"autocast_dtype must be a floating-point torch.dtype, got {autocast_dtype!r}")
+        if forward_context is not None and not callable(forward_context):
+            raise TypeError("forward_context must be a callable that returns a context manager")
         validate_sar_options(
             use_log=use_log, use_denominator=use_denominator, use_comparison=use_comparison, clip_value=clip_value
         )
@@ -221,6 +242,9 @@ class SARScorer:
         self.empty_completions = empty_completions
         self.attention_backend = attention_backend
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.autocast_dtype = autocast_dtype
+        self.forward_context = forward_context
+        self.lm_head_fp32 = bool(lm_head_fp32)
 
         self.backbone = self._find_backbone(model)
         head = model.get_output_embeddings()
@@ -234,12 +258,18 @@ class SARScorer:
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._attention_name = register_attention()
 
+        # The placeholder of each prompt (PlaceholderPrompts.for_prompts); `placeholder_ids` is the default one.
+        self.placeholder_prompts: PlaceholderPrompts | None = None
         if placeholder_ids is not None:
             self.placeholder_ids = validate_token_ids(
                 placeholder_ids, name="placeholder_ids", vocab_size=self.vocab_size
             )
+            self.placeholder_prompts = PlaceholderPrompts(tokenizer, placeholder_ids=self.placeholder_ids)
         elif tokenizer is not None:
-            self.placeholder_ids = build_placeholder_ids(tokenizer, chat_template_kwargs=self.chat_template_kwargs)
+            self.placeholder_prompts = PlaceholderPrompts(
+                tokenizer, preset=placeholder, chat_template_kwargs=self.chat_template_kwargs
+            )
+            self.placeholder_ids = self.placeholder_prompts.default
             validate_token_ids(self.placeholder_ids, name="the placeholder prompt", vocab_size=self.vocab_size)
         elif use_comparison:
             raise ValueError("SARScorer needs a tokenizer or placeholder_ids to build the placeholder prompt")
@@ -274,14 +304,19 @@ class SARScorer:
 
     @contextmanager
     def _scoring_mode(self) -> Iterator[None]:
-        """No gradients, dropout off, the shared-prefix attention on; everything restored afterwards."""
+        """No gradients, dropout off, the shared-prefix attention on, the caller's precision (autocast) and context;
+        everything restored afterwards."""
         training = [(module, module.training) for module in self.model.modules()]
         attn = [(config, config._attn_implementation) for config in self._configs()]
         try:
             self.model.eval()
             for config, _ in attn:
                 config._attn_implementation = self._attention_name
-            with torch.no_grad():
+            with torch.no_grad(), ExitStack() as stack:
+                if self.forward_context is not None:
+                    stack.enter_context(self.forward_context())
+                if self.autocast_dtype is not None:
+                    stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
                 yield
         finally:
             for config, implementation in attn:
@@ -609,13 +644,23 @@ class SARScorer:
         )
         hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
         hidden = hidden[0].index_select(0, torch.cat(predict_rows).to(device))
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        # Under autocast the policy's LM head multiplies in the autocast dtype (unless it is kept in fp32): do the same,
+        # so that ppl(a|q), ppl(a) and the trainer's own log-probs all come from one precision.
+        if torch.is_autocast_enabled(device.type) and not self.lm_head_fp32:
+            dtype = torch.get_autocast_dtype(device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        elif self.lm_head_fp32:
+            hidden, weight = hidden.float(), weight.float()
+            bias = None if bias is None else bias.float()
         return sequence_perplexity(
             hidden,
-            self.lm_head.weight,
+            weight,
             torch.cat(targets).to(device),
             torch.cat(segment_ids).to(device),
             len(pairs),
-            bias=self.lm_head.bias,
+            bias=bias,
             temperature=self.temperature,
         )
 
@@ -627,7 +672,8 @@ class SelfAlignedReward:
     their token ids and every other dataset column as keyword arguments. The prompts are tokenized the way TRL's
     ``GRPOTrainer`` does (``apply_chat_template(..., add_generation_prompt=True)`` for conversations, the tokenizer
     otherwise), unless a ``prompt_ids`` column/keyword provides the ids. For conversational prompts the placeholder
-    keeps each prompt's system message. Give it the model instance the trainer trains, so that SAR uses the current
+    keeps each prompt's system (and developer) messages (`placeholder="paper"`: the paper's fixed system prompt
+    instead). Give it the model instance the trainer trains, so that SAR uses the current
     policy weights. Empty completions get ``None`` (TRL's "not applicable").
 
     TRL logs it as ``rewards/sar/...``; when TRL passes ``log_metric``, the mean perplexities are logged as
@@ -653,18 +699,10 @@ class SelfAlignedReward:
             raise ValueError("SelfAlignedReward needs the tokenizer to turn TRL's prompts into token ids")
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self._explicit_placeholder = scorer_kwargs.get("placeholder_ids") is not None
         self.scorer = SARScorer(model, tokenizer, chat_template_kwargs=self.chat_template_kwargs, **scorer_kwargs)
-        self._placeholder_cache: dict[str, list[int]] = {}
-
-    @staticmethod
-    def _is_conversation(prompt: Any) -> bool:
-        return (
-            isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(isinstance(m, Mapping) for m in prompt)
-        )
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
-        if self._is_conversation(prompt):
+        if is_conversation(prompt):
             ids = self.tokenizer.apply_chat_template(
                 list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False, **self.chat_template_kwargs
             )
@@ -672,20 +710,6 @@ class SelfAlignedReward:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
         raise TypeError(f"a prompt must be text or a list of chat messages, got {type(prompt).__name__}")
-
-    def _placeholder_for(self, prompt: Any) -> list[int] | None:
-        """Placeholder keeping this prompt's system message; None means the scorer's default."""
-        if self._explicit_placeholder or not self._is_conversation(prompt):
-            return None
-        system = [dict(m) for m in prompt if m.get("role") in ("system", "developer")]
-        if not system:
-            return None
-        key = repr(system)
-        if key not in self._placeholder_cache:
-            self._placeholder_cache[key] = build_placeholder_ids(
-                self.tokenizer, system, chat_template_kwargs=self.chat_template_kwargs
-            )
-        return self._placeholder_cache[key]
 
     def __call__(
         self,
@@ -707,10 +731,7 @@ class SelfAlignedReward:
                 prompt_ids.append(cache[key])
         placeholder_ids = None
         if self.scorer.sar_options["use_comparison"]:
-            per_prompt = [self._placeholder_for(p) for p in prompts]
-            if any(p is not None for p in per_prompt):
-                default = self.scorer.placeholder_ids
-                placeholder_ids = [p if p is not None else default for p in per_prompt]
+            placeholder_ids = self.scorer.placeholder_prompts.for_prompts(prompts)
         scores = self.scorer.score(prompt_ids, completion_ids, placeholder_ids=placeholder_ids)
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and bool(scores.valid.any()):

@@ -1,27 +1,87 @@
 """GRPO with the Self-Aligned Reward: TRL's `GRPOTrainer` with SAR as one more weighted, logged reward.
 
-SAR costs at most one extra no-grad pass per generation batch. When the trainer already has the conditioned
-per-token log-probs of the completions (TRL's old log-probs, computed when generation and optimisation steps are
-misaligned; or exact sampling log-probs from vLLM at temperature 1 without top-k, top-p, min-p or repetition
-penalty), the scorer reuses them and runs only the unconditioned half. Otherwise the conditioned and unconditioned
-sequences share one packed forward (`sarkern.SARScorer`).
+SAR is measured on what the policy sees: the prompt ids TRL generated from, the completions as sampled, a placeholder
+built per completion from the prompt's own system messages with the trainer's `chat_template_kwargs`, and the policy's
+own precision (the scorer runs under `accelerator.autocast`, as the policy's forward does).
+
+SAR costs at most one extra no-grad pass per generation batch, and usually half of one: the conditioned per-token
+log-probs are reused when the trainer has them, in this order: TRL's old log-probs (computed when generation and
+optimisation steps are misaligned); the log-probs captured while transformers' `generate` sampled the completions
+(`sarkern.capture`, TRL's default path); exact sampling log-probs from vLLM (temperature 1, no top-k, top-p, min-p or
+repetition penalty). The first batch that reuses a source also runs the conditioned pass and checks that both agree
+within the bound measured for the policy's precision, so a change in TRL's or transformers' internals stops training
+with an error instead of scoring the wrong tensors.
+
+TRL's private methods this trainer extends (`_generate`, `_generate_single_turn`, `_generate_and_score_completions`,
+`_get_per_token_logps_and_entropies`) change between TRL minor versions: `TESTED_TRL` is the range tested, and
+`check_trl_internals` (run at construction) raises if their signatures differ from what this module expects.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import trl
+from packaging.version import Version
 from trl import GRPOConfig, GRPOTrainer
 
+from .capture import CAPTURE_NLL_BOUNDS, CaptureMismatchError, capture_sampling_logprobs
+from .placeholder import PLACEHOLDER_PRESETS, validate_placeholder_preset
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
 
-__all__ = ["SARGRPOConfig", "SARGRPOTrainer"]
+__all__ = ["TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "check_trl_internals"]
+
+# The TRL versions this trainer was tested with: [first, last) (tests/test_trainer.py, tests/test_trl_internals.py).
+TESTED_TRL = ("1.16.0", "1.17.0")
+
+# GRPOTrainer's private methods this trainer overrides or calls, with the leading parameters it relies on.
+_TRL_METHODS = {
+    "_generate": ("prompts",),
+    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
+    "_generate_and_score_completions": ("inputs",),
+    "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep"),
+    "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
+}
+# Length of the tuple `_generate` returns: prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields,
+# images, tool_images.
+_GENERATE_OUTPUTS = 8
+
+
+class TRLInternalsError(RuntimeError):
+    """TRL's GRPOTrainer internals differ from those SARGRPOTrainer was written against."""
+
+
+def check_trl_internals(trainer_class: type = GRPOTrainer) -> None:
+    """Raise :class:`TRLInternalsError` if a private method of TRL's GRPOTrainer that SAR relies on is missing or has
+    other parameters; warn when TRL's version is outside :data:`TESTED_TRL`."""
+    for name, expected in _TRL_METHODS.items():
+        method = getattr(trainer_class, name, None)
+        if not callable(method):
+            raise TRLInternalsError(
+                f"TRL {trl.__version__}: GRPOTrainer.{name} is gone; SARGRPOTrainer was tested with TRL "
+                f">={TESTED_TRL[0]},<{TESTED_TRL[1]}"
+            )
+        params = [p for p in inspect.signature(method).parameters if p != "self"]
+        if tuple(params[: len(expected)]) != expected:
+            raise TRLInternalsError(
+                f"TRL {trl.__version__}: GRPOTrainer.{name}{tuple(params)} no longer starts with {expected}; "
+                f"SARGRPOTrainer was tested with TRL >={TESTED_TRL[0]},<{TESTED_TRL[1]}"
+            )
+    if not Version(TESTED_TRL[0]) <= Version(trl.__version__) < Version(TESTED_TRL[1]):
+        warnings.warn(
+            f"SARGRPOTrainer was tested with TRL >={TESTED_TRL[0]},<{TESTED_TRL[1]}, not {trl.__version__}; its "
+            "run-time checks stop training if TRL's internals changed",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -37,15 +97,26 @@ class SARGRPOConfig(GRPOConfig):
         metadata={"help": "False gives the self-confidence baseline -ppl(a|q) (no unconditioned pass)."},
     )
     sar_clip_value: float = field(default=-1.0, metadata={"help": "Cap each perplexity at this value when > 1."})
+    sar_placeholder: str = field(
+        default="template",
+        metadata={
+            "help": "Placeholder prompt preset: 'template' (the chat template with the user's content emptied, each "
+            "prompt's system messages kept) or 'paper' (the official code's fixed system prompt).",
+            "choices": list(PLACEHOLDER_PRESETS),
+        },
+    )
     sar_placeholder_ids: list[int] | None = field(
-        default=None, metadata={"help": "Token ids of the placeholder prompt (default: built from the chat template)."}
+        default=None, metadata={"help": "Explicit token ids of the placeholder prompt (instead of a preset)."}
     )
     sar_max_tokens_per_pass: int = field(
         default=DEFAULT_MAX_TOKENS_PER_PASS, metadata={"help": "Tokens per packed scoring forward."}
     )
     sar_reuse_logprobs: bool = field(
         default=True,
-        metadata={"help": "Reuse the trainer's conditioned log-probs when it has exact ones (skips half the pass)."},
+        metadata={
+            "help": "Reuse the conditioned log-probs the trainer has (old log-probs, log-probs captured during "
+            "generation, exact vLLM sampling log-probs) so that only the placeholder half runs."
+        },
     )
 
     def __post_init__(self):
@@ -58,6 +129,11 @@ class SARGRPOConfig(GRPOConfig):
         )
         if not math.isfinite(self.sar_weight):
             raise ValueError(f"sar_weight must be finite, got {self.sar_weight}")
+        validate_placeholder_preset(self.sar_placeholder)
+        if self.sar_placeholder_ids is not None and self.sar_placeholder != "template":
+            raise ValueError(
+                f"pass either sar_placeholder_ids or sar_placeholder={self.sar_placeholder!r}, not both"
+            )
 
 
 class _SARRewardFunction:
@@ -76,9 +152,14 @@ class _SARRewardFunction:
 class SARGRPOTrainer(GRPOTrainer):
     """`GRPOTrainer` whose reward includes `sar_weight * SAR`, computed with the policy's current weights.
 
-    Logged each step, besides TRL's own metrics (`rewards/sar/mean` among them): `sar/ppl_cond`,
-    `sar/ppl_uncond`, `sar/cond_reused` (1 when the conditioned log-probs came from the trainer), `sar/seconds`
-    and `sar/step_share` (SAR's share of the wall time of the training step). SAR is not computed at evaluation.
+    Logged each step, besides TRL's own metrics (`rewards/sar/mean` among them), reduced over all processes:
+    `sar/ppl_cond` and `sar/ppl_uncond` (means over the global batch), `sar/cond_reused` (1 when the conditioned
+    log-probs came from the trainer), `sar/seconds` (the slowest process's SAR time) and `sar/step_share` (that over
+    the slowest process's step time). SAR is not computed at evaluation.
+
+    Refused by name, because the scorer would not see what the policy sees: tools and environments (completions hold
+    tool results the policy did not sample), `rollout_func`, vision-language processors, FSDP and DeepSpeed ZeRO-3
+    (sharded weights).
     """
 
     def __init__(self, model, reward_funcs=None, args: SARGRPOConfig | None = None, **kwargs):
@@ -86,6 +167,7 @@ class SARGRPOTrainer(GRPOTrainer):
             raise ValueError("SARGRPOTrainer needs an SARGRPOConfig (args=...)")
         if not isinstance(args, SARGRPOConfig):
             raise TypeError(f"args must be an SARGRPOConfig, got {type(args).__name__}")
+        check_trl_internals()
         if reward_funcs is None:
             reward_funcs = []
         elif not isinstance(reward_funcs, list):
@@ -97,6 +179,12 @@ class SARGRPOTrainer(GRPOTrainer):
         # sar_weight = 0 is plain GRPO: no SAR reward function, no scorer, no extra pass.
         self.sar_enabled = args.sar_weight != 0.0
         if self.sar_enabled:
+            for name in ("tools", "environment_factory", "rollout_func"):
+                if kwargs.get(name):
+                    raise NotImplementedError(
+                        f"SARGRPOTrainer does not support {name}: the completions would hold tokens the policy did "
+                        "not sample (tool results, environment feedback), which SAR would score as its own"
+                    )
             reward_funcs = [*reward_funcs, _SARRewardFunction(self)]
             user_weights = [*user_weights, args.sar_weight]
         args.reward_weights = list(user_weights)
@@ -104,26 +192,49 @@ class SARGRPOTrainer(GRPOTrainer):
         self._sar_batch: dict[str, Any] = {}
         self._sar_capture_old_logps = False
         self._sar_seconds_in_step = 0.0
+        self._sar_step_seconds = 0.0
+        self._sar_verified: set[str] = set()  # reuse sources checked against a fresh conditioned pass
         self.sar_calls = {"scored": 0, "cond_reused": 0}
         self.sar_scorer = None
         if not self.sar_enabled:
             return
+        self._refuse_unsupported_setups()
         self.sar_scorer = SARScorer(
             self.accelerator.unwrap_model(self.model),
-            self.processing_class,
+            self._tokenizer,
             placeholder_ids=args.sar_placeholder_ids,
+            placeholder=args.sar_placeholder,
+            chat_template_kwargs=self.chat_template_kwargs,
             temperature=args.temperature,
             max_tokens_per_pass=args.sar_max_tokens_per_pass,
             use_log=args.sar_use_log,
             use_denominator=args.sar_use_denominator,
             use_comparison=args.sar_use_comparison,
             clip_value=args.sar_clip_value,
+            # The policy's forward runs under the accelerator's autocast (mixed precision): so do both SAR halves.
+            forward_context=self.accelerator.autocast,
+            lm_head_fp32=bool(args.cast_lm_head_to_fp32),
         )
+
+    def _refuse_unsupported_setups(self) -> None:
+        if self._is_vlm:
+            raise NotImplementedError(
+                "SARGRPOTrainer does not support vision-language models: the scorer sees token ids only, not images"
+            )
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "SARGRPOTrainer does not support FSDP yet: the scorer would read sharded weights as whole ones"
+            )
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+            raise NotImplementedError(
+                "SARGRPOTrainer does not support DeepSpeed ZeRO-3 yet: the scorer would read partitioned weights"
+            )
 
     # --------------------------------------------------------------- capturing what the trainer already computed
 
     def _sampling_logprobs_exact(self) -> bool:
-        """Sampling log-probs equal log p(a_t | q, a_<t) only for plain sampling at temperature 1."""
+        """vLLM's sampling log-probs equal log p(a_t | q, a_<t) only for plain sampling at temperature 1."""
         args = self.args
         return (
             args.temperature == 1.0
@@ -141,19 +252,67 @@ class SARGRPOTrainer(GRPOTrainer):
             self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False)
         )
 
+    def _policy_precision(self) -> torch.dtype:
+        """The dtype the policy computes its logits in: the autocast dtype under mixed precision, else the weights'
+        (fp32 with TF32 matmuls counts as bf16-like: 10 mantissa bits, not 23)."""
+        mixed = self.accelerator.mixed_precision
+        if mixed == "bf16" and self.accelerator.native_amp:
+            return torch.bfloat16
+        if mixed == "fp16":
+            return torch.float16
+        dtype = self.sar_scorer.lm_head.weight.dtype
+        if dtype == torch.float32 and self.sar_scorer.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            return torch.bfloat16
+        return dtype
+
+    def _capture_during_generation(self) -> bool:
+        """Capture the sampling log-probs in transformers' `generate` when they will be reused: training, reuse on,
+        no old log-probs coming anyway, TRL's plain `generate` path, and a precision whose bound was measured."""
+        return (
+            self.sar_enabled
+            and self.args.sar_reuse_logprobs
+            and self.model.training
+            and not self.use_vllm
+            and not self.use_transformers_continuous_batching
+            and not self._trainer_computes_old_logps()
+            and self._policy_precision() in CAPTURE_NLL_BOUNDS
+        )
+
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        if not self._capture_during_generation():
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        with capture_sampling_logprobs(self.accelerator.unwrap_model(self.model_wrapped), self.temperature) as capture:
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        self._sar_batch["captured_logps"] = capture.per_completion(completion_ids)  # checked token by token
+        self._sar_batch["capture_seconds"] = capture.seconds  # counted as SAR's time
+        return completion_ids, logprobs
+
     def _generate(self, prompts):
+        self._sar_batch = {}
         output = super()._generate(prompts)
         if not self.sar_enabled:
             return output
+        if not isinstance(output, tuple) or len(output) != _GENERATE_OUTPUTS:
+            raise TRLInternalsError(
+                f"TRL {trl.__version__}: GRPOTrainer._generate returned "
+                f"{len(output) if isinstance(output, tuple) else type(output).__name__} values, expected "
+                f"{_GENERATE_OUTPUTS}; SARGRPOTrainer was tested with TRL >={TESTED_TRL[0]},<{TESTED_TRL[1]}"
+            )
         prompt_ids, completion_ids, _tool_mask, _completions, sampling_logps = output[:5]
-        self._sar_batch = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "old_logps": None}
-        # Tool results and rollout functions put log-probs of 0 (or anything) on tokens the policy did not sample,
-        # and vLLM may leave some out: reuse only plain, complete sampling log-probs.
-        plain_sampling = not self.tools and self.rollout_func is None and self.environment_factories is None
-        if sampling_logps is not None and plain_sampling and self._sampling_logprobs_exact():
+        if len(prompt_ids) != len(prompts) or len(completion_ids) != len(prompts):
+            raise TRLInternalsError(
+                f"TRL {trl.__version__}: GRPOTrainer._generate returned {len(prompt_ids)} prompts and "
+                f"{len(completion_ids)} completions for {len(prompts)} prompts"
+            )
+        self._sar_batch.update(prompt_ids=prompt_ids, completion_ids=completion_ids, old_logps=None)
+        if self.args.sar_use_comparison:
+            # The placeholder of each completion: its prompt's system messages, the trainer's chat_template_kwargs.
+            self._sar_batch["placeholder_ids"] = self.sar_scorer.placeholder_prompts.for_prompts(prompts)
+        # vLLM may leave some sampling log-probs out (None): reuse only complete ones.
+        if sampling_logps is not None and self.use_vllm and self._sampling_logprobs_exact():
             rows = [torch.tensor([math.nan if x is None else x for x in row]) for row in sampling_logps]
             if not any(bool(torch.isnan(row).any()) for row in rows):
-                self._sar_batch["sampling_logps"] = rows
+                self._sar_batch["vllm_logps"] = rows
         return output
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
@@ -174,6 +333,49 @@ class SARGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ the reward
 
+    def _reusable_cond_logprobs(self, completion_ids: list[list[int]]) -> tuple[str | None, Any]:
+        """(source, log-probs) of the conditioned half the trainer already has, or (None, None)."""
+        batch = self._sar_batch
+        if not self.args.sar_reuse_logprobs:
+            return None, None
+        if self._trainer_computes_old_logps():
+            if batch.get("old_logps") is None:
+                raise TRLInternalsError(
+                    f"TRL {trl.__version__} computed no old log-probs through _get_per_token_logps_and_entropies "
+                    "where SARGRPOTrainer expected them"
+                )
+            # With mask_truncated_completions, TRL scores truncated completions as fully masked (log-prob 0).
+            eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+            truncated = any(not ids or ids[-1] not in eos_and_pad for ids in completion_ids)
+            if not (self.mask_truncated_completions and truncated):
+                return "old", batch["old_logps"]
+        if batch.get("captured_logps") is not None:
+            return "captured", batch["captured_logps"]
+        if self._capture_during_generation():
+            raise TRLInternalsError(
+                f"TRL {trl.__version__} generated without GRPOTrainer._generate_single_turn, so no sampling log-probs "
+                "were captured; SARGRPOTrainer was tested with TRL "
+                f">={TESTED_TRL[0]},<{TESTED_TRL[1]}"
+            )
+        if batch.get("vllm_logps") is not None:
+            return "vllm", batch["vllm_logps"]
+        return None, None
+
+    def _verify_reuse(self, source: str, reused: torch.Tensor, fresh: torch.Tensor, valid: torch.Tensor) -> None:
+        """The first batch of each reuse source: its ppl(a|q) must agree with the scorer's own conditioned pass within
+        the bound of the policy's precision, or TRL/transformers handed over other tensors than SAR expects."""
+        bound = CAPTURE_NLL_BOUNDS.get(self._policy_precision(), CAPTURE_NLL_BOUNDS[torch.bfloat16])
+        if bool(valid.any()):
+            gap = (torch.log(reused[valid]) - torch.log(fresh[valid])).abs().max().item()
+            if not gap <= bound:
+                error = CaptureMismatchError if source == "captured" else TRLInternalsError
+                raise error(
+                    f"the {source} log-probs differ from a fresh conditioned pass by {gap:.3g} in mean NLL per "
+                    f"completion (bound {bound:g} at {self._policy_precision()}); TRL {trl.__version__} or "
+                    "transformers internals may have changed. Set sar_reuse_logprobs=False to score both halves."
+                )
+        self._sar_verified.add(source)
+
     def _sar_rewards(self, completion_ids: list[list[int]]) -> list[float | None]:
         mode = "train" if self.model.training else "eval"
         if mode == "eval":
@@ -181,37 +383,58 @@ class SARGRPOTrainer(GRPOTrainer):
         batch = self._sar_batch
         if batch.get("completion_ids") is None or len(batch["completion_ids"]) != len(completion_ids):
             raise RuntimeError("SAR reward called outside SARGRPOTrainer's generation step")
-        cond_logprobs = None
-        # With mask_truncated_completions, TRL scores truncated completions as fully masked (log-prob 0 per token).
-        eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        truncated = any(not ids or ids[-1] not in eos_and_pad for ids in completion_ids)
-        if self.args.sar_reuse_logprobs and not (self.mask_truncated_completions and truncated):
-            if batch.get("old_logps") is not None:
-                cond_logprobs = batch["old_logps"]
-            elif batch.get("sampling_logps") is not None:
-                cond_logprobs = batch["sampling_logps"]
+        if [list(c) for c in batch["completion_ids"]] != [list(c) for c in completion_ids]:
+            raise TRLInternalsError(f"TRL {trl.__version__} scores other completions than it generated")
+        source, cond_logprobs = self._reusable_cond_logprobs(completion_ids)
+        placeholder_ids = batch.get("placeholder_ids")
         start = time.perf_counter()
-        scores = self.sar_scorer.score(batch["prompt_ids"], completion_ids, cond_logprobs=cond_logprobs)
-        seconds = time.perf_counter() - start
+        if source is not None and source not in self._sar_verified:
+            fresh = self.sar_scorer.score(batch["prompt_ids"], completion_ids, placeholder_ids=placeholder_ids)
+        scores = self.sar_scorer.score(
+            batch["prompt_ids"], completion_ids, cond_logprobs=cond_logprobs, placeholder_ids=placeholder_ids
+        )
+        seconds = time.perf_counter() - start + batch.get("capture_seconds", 0.0)
+        if source is not None and source not in self._sar_verified:
+            self._verify_reuse(source, scores.ppl_cond.cpu(), fresh.ppl_cond.cpu(), scores.valid.cpu())
         self._sar_seconds_in_step += seconds
         self.sar_calls["scored"] += 1
-        self.sar_calls["cond_reused"] += int(cond_logprobs is not None)
-
-        valid = scores.valid
-        metrics = self._metrics[mode]
-        metrics["sar/ppl_cond"].append(scores.ppl_cond[valid].mean().item() if valid.any() else math.nan)
-        if self.args.sar_use_comparison:
-            metrics["sar/ppl_uncond"].append(scores.ppl_uncond[valid].mean().item() if valid.any() else math.nan)
-        metrics["sar/cond_reused"].append(float(cond_logprobs is not None))
-        metrics["sar/seconds"].append(seconds)
+        self.sar_calls["cond_reused"] += int(source is not None)
+        self._log_sar_metrics(mode, scores, seconds, source is not None)
         return [None if math.isnan(r) else r for r in scores.reward.tolist()]
+
+    def _log_sar_metrics(self, mode: str, scores, seconds: float, reused: bool) -> None:
+        """Means over the global batch (every process's valid completions), the slowest process's seconds."""
+        valid = scores.valid
+        local = torch.tensor(
+            [
+                scores.ppl_cond[valid].double().sum().item(),
+                scores.ppl_uncond[valid].double().sum().item() if self.args.sar_use_comparison else 0.0,
+                float(valid.sum().item()),
+                float(reused),
+                seconds,
+            ],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
+        gathered = self.accelerator.gather(local[None]).cpu()  # [processes, 5]
+        count = gathered[:, 2].sum().item()
+        metrics = self._metrics[mode]
+        metrics["sar/ppl_cond"].append(gathered[:, 0].sum().item() / count if count else math.nan)
+        if self.args.sar_use_comparison:
+            metrics["sar/ppl_uncond"].append(gathered[:, 1].sum().item() / count if count else math.nan)
+        metrics["sar/cond_reused"].append(gathered[:, 3].mean().item())
+        metrics["sar/seconds"].append(gathered[:, 4].max().item())
 
     def training_step(self, model, inputs, num_items_in_batch):
         start = time.perf_counter()
         output = super().training_step(model, inputs, num_items_in_batch)
-        self._sar_step_seconds = getattr(self, "_sar_step_seconds", 0.0) + time.perf_counter() - start
+        self._sar_step_seconds += time.perf_counter() - start
         if self.sar_enabled and self._step % self.current_gradient_accumulation_steps == 0:
-            share = self._sar_seconds_in_step / self._sar_step_seconds if self._sar_step_seconds > 0 else 0.0
+            local = torch.tensor(
+                [self._sar_seconds_in_step, self._sar_step_seconds], dtype=torch.float64, device=self.accelerator.device
+            )
+            slowest = self.accelerator.gather(local[None]).max(dim=0).values.cpu()
+            share = slowest[0].item() / slowest[1].item() if slowest[1] > 0 else 0.0
             self._metrics["train"]["sar/step_share"].append(share)
             self._sar_seconds_in_step = 0.0
             self._sar_step_seconds = 0.0

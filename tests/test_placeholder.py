@@ -7,7 +7,9 @@ import torch
 from scorer_models import chat_tokenizer, plain_tokenizer, tiny_model
 
 from sarkern.placeholder import (
+    PAPER_SYSTEM_PROMPT,
     PLAIN_TEXT_PLACEHOLDER,
+    PlaceholderPrompts,
     build_placeholder_ids,
     placeholder_conversation,
     validate_token_ids,
@@ -105,3 +107,30 @@ def test_validate_token_ids():
         validate_token_ids(torch.zeros(2, 2, dtype=torch.long), name="x")
     with pytest.raises(TypeError, match="sequence of integer token ids"):
         validate_token_ids("abc", name="x")
+
+
+def test_placeholder_prompts_per_prompt_and_presets():
+    tokenizer = chat_tokenizer()
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    plain = "User: 2+2?\nAssistant: "
+    prompts = PlaceholderPrompts(tokenizer, chat_template_kwargs={})
+    assert prompts.for_prompt(plain) == prompts.default == build_placeholder_ids(tokenizer)  # plain text: as before
+    assert prompts.for_prompt(system) == build_placeholder_ids(tokenizer, system_message="be brief")
+    assert prompts.for_prompts([system, [{"role": "user", "content": "x"}]]) == [
+        build_placeholder_ids(tokenizer, system_message="be brief"),
+        prompts.default,
+    ]
+    paper = PlaceholderPrompts(tokenizer, preset="paper")
+    assert tokenizer.decode(paper.default) == (
+        f"<|im_start|>system\n{PAPER_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert paper.for_prompt(system) == paper.for_prompt(plain) == paper.default  # the same for every prompt
+    explicit = PlaceholderPrompts(None, placeholder_ids=[7, 8])
+    assert explicit.for_prompt(system) == [7, 8]
+    with pytest.raises(ValueError, match="placeholder preset must be one of"):
+        PlaceholderPrompts(tokenizer, preset="empty")
+    # The scorer's default placeholder follows the preset; explicit ids and a preset other than the default conflict.
+    model = tiny_model("llama")
+    assert SARScorer(model, tokenizer, placeholder="paper").placeholder_ids == paper.default
+    with pytest.raises(ValueError, match="either placeholder_ids or placeholder='paper'"):
+        SARScorer(model, tokenizer, placeholder="paper", placeholder_ids=[1])

@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("trl")
 
+from sarkern.capture import CAPTURE_NLL_BOUNDS  # noqa: E402
 from sarkern.cli import TrainOptions, build_trainer  # noqa: E402
 from sarkern.tiny import TINY_MODEL_DIR  # noqa: E402
 
@@ -47,7 +48,16 @@ class Recorder:
 
         def recorded_score(prompt_ids, completion_ids, *, cond_logprobs=None, **kwargs):
             result = score(prompt_ids, completion_ids, cond_logprobs=cond_logprobs, **kwargs)
-            self.score_calls.append({"cond_logprobs": cond_logprobs, "scores": result, "n": len(completion_ids)})
+            self.score_calls.append(
+                {
+                    "cond_logprobs": cond_logprobs,
+                    "scores": result,
+                    "n": len(completion_ids),
+                    "prompt_ids": prompt_ids,
+                    "completion_ids": completion_ids,
+                    "placeholder_ids": kwargs.get("placeholder_ids"),
+                }
+            )
             return result
 
         def recorded_calculate(*args, **kwargs):
@@ -85,14 +95,22 @@ def advantage_tolerance(rewards_per_func: torch.Tensor, group: int) -> float:
 
 
 def test_sar_is_scored_logged_and_enters_the_advantages(tmp_path):
+    """`sarkern train`'s defaults (transformers generation, num_iterations=1): TRL computes no old log-probs, so
+    the conditioned half comes from the log-probs captured while sampling; only the placeholder half runs."""
     trainer = build_trainer(options(tmp_path))
     recorder = Recorder(trainer)
     trainer.train()
 
-    assert len(recorder.score_calls) == 2  # one scoring per generation batch
-    for call, rewards_per_func in zip(recorder.score_calls, recorder.rewards_per_func):
-        # Default configuration: TRL computes no old log-probs, so both halves run in the packed pass.
-        assert call["cond_logprobs"] is None
+    # The first batch also runs a full pass once, to check the captured log-probs against it.
+    verify, *reused = recorder.score_calls
+    assert verify["cond_logprobs"] is None and len(reused) == 2  # then one scoring per generation batch
+    torch.testing.assert_close(
+        reused[0]["scores"].ppl_cond.log(), verify["scores"].ppl_cond.log(), atol=CAPTURE_NLL_BOUNDS[torch.float32],
+        rtol=0, equal_nan=True,
+    )  # fmt: skip
+    torch.testing.assert_close(reused[0]["scores"].ppl_uncond, verify["scores"].ppl_uncond, equal_nan=True)
+    for call, rewards_per_func in zip(reused, recorder.rewards_per_func):
+        assert isinstance(call["cond_logprobs"], list) and len(call["cond_logprobs"]) == call["n"]
         sar_column = rewards_per_func[:, -1]
         torch.testing.assert_close(sar_column, call["scores"].reward.cpu(), equal_nan=True)
         assert torch.isfinite(call["scores"].ppl_uncond).any()
@@ -108,8 +126,8 @@ def test_sar_is_scored_logged_and_enters_the_advantages(tmp_path):
         for key in ("rewards/sar/mean", "sar/ppl_cond", "sar/ppl_uncond", "sar/seconds", "sar/step_share"):
             assert key in entry and math.isfinite(entry[key]), key
         assert 0.0 < entry["sar/step_share"] < 1.0
-        assert entry["sar/cond_reused"] == 0.0
-    assert trainer.sar_calls == {"scored": 2, "cond_reused": 0}
+        assert entry["sar/cond_reused"] == 1.0
+    assert trainer.sar_calls == {"scored": 2, "cond_reused": 2}
 
 
 def test_old_logprobs_are_reused_when_the_trainer_has_them(tmp_path):
@@ -117,16 +135,18 @@ def test_old_logprobs_are_reused_when_the_trainer_has_them(tmp_path):
     trainer = build_trainer(options(tmp_path, num_iterations=2, steps=2))
     recorder = Recorder(trainer)
     trainer.train()
-    assert recorder.score_calls, "SAR was never scored"
-    for call in recorder.score_calls:
+    verify, *reused = recorder.score_calls
+    assert verify["cond_logprobs"] is None and reused
+    for call in reused:
         cond = call["cond_logprobs"]
         assert isinstance(cond, torch.Tensor) and cond.shape[0] == call["n"]
     assert trainer.sar_calls["cond_reused"] == trainer.sar_calls["scored"] >= 1
 
-    # The reused log-probs give the same conditioned perplexities as a fresh packed pass would.
-    call = recorder.score_calls[-1]
-    batch_prompts = call["scores"]
-    assert torch.isfinite(batch_prompts.ppl_cond[batch_prompts.valid]).all()
+    # The reused log-probs give the same conditioned perplexities as the fresh packed pass, although TRL's forward
+    # left-pads prompts of different lengths and the scorer packs them without padding.
+    assert len({len(p) for p in verify["prompt_ids"]}) > 1
+    first = reused[0]["scores"]
+    torch.testing.assert_close(first.ppl_cond.log(), verify["scores"].ppl_cond.log(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -171,5 +191,5 @@ def test_truncated_completions_are_rescored_not_reused(tmp_path):
     recorder = Recorder(trainer)
     trainer.train()
     call = recorder.score_calls[0]
-    assert call["cond_logprobs"] is None  # completions of 6 tokens are truncated
+    assert call["cond_logprobs"] is None and len(recorder.score_calls) == 1  # completions of 6 tokens are truncated
     assert (call["scores"].ppl_cond[call["scores"].valid] > 1.0).all()
