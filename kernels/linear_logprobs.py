@@ -422,3 +422,69 @@ def linear_logprobs_grad_logits(
         num_stages=num_stages,
     )
     return out
+
+
+# Backward tiles: a [1024, 8192] bf16 tile of logit gradients is 16 MiB.
+BACKWARD_TILE = (1024, 8192)
+
+
+def linear_logprobs_backward(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden, weight and bias (empty when not needed): each `[tokens, vocab]` tile of logit gradients,
+    written in the input dtype by `_grad_logits_kernel` into one reused buffer, feeds two tensor-core GEMMs. The
+    weight gradient accumulates in its own dtype across token chunks (an fp32 [V, D] buffer would exceed the memory
+    budget of DESIGN.md section 4)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    token_chunk = max(1, min(BACKWARD_TILE[0], n_tokens))
+    vocab_chunk = max(1, min(BACKWARD_TILE[1], vocab))
+    grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if needs_bias_grad else None
+    # Every tile is written into one reused buffer, viewed contiguously at that tile's shape (edge tiles are smaller).
+    tile_buffer = torch.empty(token_chunk * vocab_chunk, dtype=hidden.dtype, device=hidden.device)
+    grad_logprobs = grad_logprobs.float().contiguous()
+    grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
+    for n0 in range(0, n_tokens, token_chunk):
+        n1 = min(n0 + token_chunk, n_tokens)
+        h = hidden[n0:n1]
+        hidden_acc = torch.zeros((n1 - n0, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+        for v0 in range(0, vocab, vocab_chunk):
+            v1 = min(v0 + vocab_chunk, vocab)
+            w = weight[v0:v1]
+            grad_tile = linear_logprobs_grad_logits(
+                tile_buffer[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0),
+                h,
+                w,
+                bias[v0:v1] if bias is not None else None,
+                targets[n0:n1],
+                lse[n0:n1],
+                entropy[n0:n1] if entropy is not None else None,
+                grad_logprobs[n0:n1],
+                grad_entropy[n0:n1] if grad_entropy is not None else None,
+                temperature,
+                ignore_index,
+                col_offset=v0,
+            )
+            if needs_hidden_grad:
+                hidden_acc += grad_tile @ w
+            if needs_weight_grad:
+                grad_weight[v0:v1].addmm_(grad_tile.T, h)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += grad_tile.sum(0, dtype=torch.float32)
+        if needs_hidden_grad:
+            grad_hidden[n0:n1] = hidden_acc
+    grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
+    return grad_hidden, grad_weight, grad_bias

@@ -23,8 +23,6 @@ __all__ = ["linear_token_logprobs", "sequence_perplexity", "token_logprobs"]
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Ignored tokens inside `sequence_perplexity` (segment id < 0) are marked with this target internally.
 _SEGMENT_IGNORE = -100
-# Backward tiles on GPUs: a [1024, 8192] bf16 tile of logit gradients is 16 MiB.
-_GPU_BACKWARD_TILE = (1024, 8192)
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -311,70 +309,9 @@ def _linear_backward_op(
     each `[tokens, vocab]` tile of logit gradients becomes two GEMM updates, so memory stays at one tile."""
     args = (grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index)
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad)
-    if select_backend(hidden.device) != "triton":
-        return chunked.linear_logprobs_backward(*args, *needs)
-    return _linear_backward_triton(*args, *needs)
-
-
-def _linear_backward_triton(
-    grad_logprobs: Tensor,
-    grad_entropy: Optional[Tensor],
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    targets: Tensor,
-    lse: Tensor,
-    entropy: Optional[Tensor],
-    temperature: float,
-    ignore_index: int,
-    needs_hidden_grad: bool,
-    needs_weight_grad: bool,
-    needs_bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """GPU: tiles in the input dtype, written by the Triton kernel, feed tensor-core GEMMs; the weight gradient
-    accumulates in its own dtype across token chunks (an fp32 [V, D] buffer would exceed the memory budget of
-    DESIGN.md section 4)."""
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    token_chunk = max(1, min(_GPU_BACKWARD_TILE[0], n_tokens))
-    vocab_chunk = max(1, min(_GPU_BACKWARD_TILE[1], vocab))
-    grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else hidden.new_empty(0)
-    grad_weight = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if needs_bias_grad else None
-    # Every tile is written into one reused buffer, viewed contiguously at that tile's shape (edge tiles are smaller).
-    tile_buffer = torch.empty(token_chunk * vocab_chunk, dtype=hidden.dtype, device=hidden.device)
-    grad_logprobs = grad_logprobs.float().contiguous()
-    grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
-    for n0 in range(0, n_tokens, token_chunk):
-        n1 = min(n0 + token_chunk, n_tokens)
-        h = hidden[n0:n1]
-        hidden_acc = torch.zeros((n1 - n0, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-        for v0 in range(0, vocab, vocab_chunk):
-            v1 = min(v0 + vocab_chunk, vocab)
-            w = weight[v0:v1]
-            grad_tile = kernels().linear_logprobs_grad_logits(
-                tile_buffer[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0),
-                h,
-                w,
-                bias[v0:v1] if bias is not None else None,
-                targets[n0:n1],
-                lse[n0:n1],
-                entropy[n0:n1] if entropy is not None else None,
-                grad_logprobs[n0:n1],
-                grad_entropy[n0:n1] if grad_entropy is not None else None,
-                temperature,
-                ignore_index,
-                col_offset=v0,
-            )
-            if needs_hidden_grad:
-                hidden_acc += grad_tile @ w
-            if needs_weight_grad:
-                grad_weight[v0:v1].addmm_(grad_tile.T, h)
-            if grad_bias is not None:
-                grad_bias[v0:v1] += grad_tile.sum(0, dtype=torch.float32)
-        if needs_hidden_grad:
-            grad_hidden[n0:n1] = hidden_acc
-    grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
-    return grad_hidden, grad_weight, grad_bias
+    if select_backend(hidden.device) == "triton":
+        return kernels().linear_logprobs_backward(*args, *needs)
+    return chunked.linear_logprobs_backward(*args, *needs)
 
 
 @_linear_backward_op.register_fake

@@ -131,9 +131,7 @@ class SARGRPOConfig(GRPOConfig):
             raise ValueError(f"sar_weight must be finite, got {self.sar_weight}")
         validate_placeholder_preset(self.sar_placeholder)
         if self.sar_placeholder_ids is not None and self.sar_placeholder != "template":
-            raise ValueError(
-                f"pass either sar_placeholder_ids or sar_placeholder={self.sar_placeholder!r}, not both"
-            )
+            raise ValueError(f"pass either sar_placeholder_ids or sar_placeholder={self.sar_placeholder!r}, not both")
 
 
 class _SARRewardFunction:
