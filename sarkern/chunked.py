@@ -190,8 +190,11 @@ def linear_logprobs_forward(
             if return_entropy:
                 # Entropy of a union of tiles: H = sum_k w_k (H_k - log w_k), w_k = share of tile k in the sum.
                 log_w_old, log_w_new = log_w_old - new_log_sum, log_w_new - new_log_sum
-                run_entropy = torch.where(log_w_old > float("-inf"), log_w_old.exp() * (run_entropy - log_w_old), 0.0)
-                run_entropy += torch.where(log_w_new > float("-inf"), log_w_new.exp() * (tile_entropy - log_w_new), 0.0)
+                # `!= -inf` rather than `> -inf`: a NaN (from a NaN logit) must reach the entropy, never read as 0.
+                run_entropy = torch.where(log_w_old != float("-inf"), log_w_old.exp() * (run_entropy - log_w_old), 0.0)
+                run_entropy += torch.where(
+                    log_w_new != float("-inf"), log_w_new.exp() * (tile_entropy - log_w_new), 0.0
+                )
             run_max, run_log_sum = new_max, new_log_sum
         run_shift = torch.where(run_max > float("-inf"), run_max, 0.0)
         chunk_valid = valid[n0:n1]
