@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from .rundir import AtomicCheckpoints
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
 
@@ -73,7 +74,7 @@ class _SARRewardFunction:
         return self._trainer._sar_rewards(completion_ids)
 
 
-class SARGRPOTrainer(GRPOTrainer):
+class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """`GRPOTrainer` whose reward includes `sar_weight * SAR`, computed with the policy's current weights.
 
     Logged each step, besides TRL's own metrics (`rewards/sar/mean` among them): `sar/ppl_cond`,

@@ -105,7 +105,8 @@ def test_nan_in_the_lm_head_or_hidden_gives_nan_everywhere_it_reaches(backend):
     logprobs, entropy = sarkern.linear_token_logprobs(bad_hidden, w, targets, return_entropy=True)
     assert torch.isnan(logprobs[2]) and torch.isnan(entropy[2])
     assert torch.isfinite(logprobs[[0, 1, 3]]).all() and torch.isfinite(entropy[[0, 1, 3]]).all()
-    ppl = sarkern.sequence_perplexity(bad_hidden, w, targets.clamp(min=0), torch.tensor([0, 0, 1, 1, 2], device=DEVICE), 3)
+    segments = torch.tensor([0, 0, 1, 1, 2], device=DEVICE)
+    ppl = sarkern.sequence_perplexity(bad_hidden, w, targets.clamp(min=0), segments, 3)
     assert torch.isfinite(ppl[0]) and torch.isnan(ppl[1]) and torch.isfinite(ppl[2])
 
 
