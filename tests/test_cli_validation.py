@@ -78,7 +78,7 @@ def test_yaml_1_1_exponent_numbers_are_numbers(tmp_path):
     ],
 )
 def test_option_ranges_are_checked_before_anything_runs(tmp_path, capsys, flags, message):
-    err = error_of(["train", "--output-dir", str(tmp_path / "out"), *flags], capsys)
+    err = error_of(["train", "--output-dir", str(tmp_path / "out"), "--steps", "1", *QUICK, *flags], capsys)
     assert message in err
     assert not (tmp_path / "out").exists()  # refused before touching the output directory
 
