@@ -15,6 +15,7 @@ are checked before the first step; errors are one line (`--debug` shows the trac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from dataclasses import dataclass, fields
@@ -307,39 +308,37 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
     """Train in `options.output_dir`, resuming its run from the newest complete checkpoint unless `options.resume`
     is False. A run that already finished is not trained again. Raises SetupError on bad input (before any step)
     and RunInterrupted on Ctrl-C."""
-    from accelerate import PartialState
     from transformers.trainer_callback import ProgressCallback
 
     from .backends import requested_backend
     from .metrics import MetricsCallback, QuietProgressCallback, plot_metrics
-    from .rundir import RunDirectory, RunDirError, checkpoint_step, newest_checkpoint
+    from .rundir import RunDirectory, RunDirError, check_writable, checkpoint_step, newest_checkpoint, read_run_record
 
+    output_dir = Path(options.output_dir)
     try:
         requested_backend()
-    except ValueError as err:
+        check_writable(output_dir)
+        record = read_run_record(output_dir) if options.resume else None
+    except (ValueError, RunDirError) as err:
         raise SetupError(str(err)) from None
-    output_dir = Path(options.output_dir)
-    state = PartialState()
+    if record and record.get("status") == "finished":
+        if os.environ.get("RANK", "0") == "0":  # the launcher's global rank; the trainer does not exist yet
+            print(
+                f"sarkern train: the run in {output_dir} already finished its {record.get('steps')} steps; its model "
+                f"is in {output_dir / 'final'}. Use --no-resume to train a new run there, or another --output-dir",
+                flush=True,
+            )
+        return output_dir
+    metrics_path = output_dir / "metrics.jsonl"
+    trainer = build_trainer(options, callbacks=[MetricsCallback(metrics_path), *(extra_callbacks or [])])
+    accelerator = trainer.accelerator
     try:
-        run = RunDirectory.open(output_dir, main_process=state.is_main_process, barrier=state.wait_for_everyone)
+        run = RunDirectory.open(
+            output_dir, main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone
+        )
     except RunDirError as err:
         raise SetupError(str(err)) from None
     with run:
-        try:
-            finished = run.read_identity() if options.resume else None
-        except RunDirError as err:
-            raise SetupError(str(err)) from None
-        if finished and finished.get("status") == "finished":
-            if state.is_main_process:
-                print(
-                    f"sarkern train: the run in {output_dir} already finished its {finished.get('steps')} steps; its "
-                    f"model is in {output_dir / 'final'}. Use --no-resume to train a new run there, or another "
-                    "--output-dir",
-                    flush=True,
-                )
-            return output_dir
-        metrics_path = output_dir / "metrics.jsonl"
-        trainer = build_trainer(options, callbacks=[MetricsCallback(metrics_path), *(extra_callbacks or [])])
         try:
             checkpoint = run.prepare(resume=options.resume, steps=options.steps)
         except RunDirError as err:

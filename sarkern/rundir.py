@@ -109,6 +109,23 @@ def check_writable(output_dir: Path) -> None:
         raise RunDirError(f"cannot write to output directory {output_dir}: {err.strerror or err}") from err
 
 
+def read_run_record(output_dir: Path) -> dict | None:
+    """The run record (`sarkern-run.json`) of `output_dir`, or None when it has none."""
+    path = Path(output_dir) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(
+            f"{path} is unreadable ({err}); it is sarkern's record of the run in this directory: "
+            "restore it, or use another --output-dir"
+        ) from err
+    if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+        raise RunDirError(f"{path} does not hold a sarkern run record; use another --output-dir")
+    return record
+
+
 # ------------------------------------------------------------------------------------------ atomic checkpoints
 
 
@@ -264,19 +281,7 @@ class RunDirectory:
     # --------------------------------------------------------------------------------------------------------
 
     def read_identity(self) -> dict | None:
-        path = self.path / RUN_FILE
-        if not path.exists():
-            return None
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise RunDirError(
-                f"{path} is unreadable ({err}); it is sarkern's record of the run in this directory: "
-                "restore it, or use another --output-dir"
-            ) from err
-        if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
-            raise RunDirError(f"{path} does not hold a sarkern run record; use another --output-dir")
-        return record
+        return read_run_record(self.path)
 
     def prepare(self, *, resume: bool, steps: int) -> Path | None:
         """Settle which run this is and return the checkpoint to resume from (None: start at step 0).
