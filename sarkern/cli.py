@@ -146,6 +146,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- building blocks
 
+
 class SetupError(SystemExit):
     """Bad input found before training starts; the message says what and where."""
 
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         options = parse_options(argv)
+        debug = options.debug  # also when a config file sets it
         run_train(options)
     except SetupError as err:
         if debug:

@@ -74,7 +74,6 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
-
 def _check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool):
         raise TypeError("ignore_index must be an integer, got a bool")

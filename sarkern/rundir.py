@@ -147,9 +147,7 @@ def rotate_checkpoints(output_dir: Path, run_id: str | None, keep: int | None) -
     """Keep the newest `keep` complete checkpoints of this run (all of them when `keep` is None)."""
     if not keep or keep < 1:
         return
-    mine = sorted(
-        (p for p, owner in sarkern_checkpoints(output_dir).items() if owner == run_id), key=checkpoint_step
-    )
+    mine = sorted((p for p, owner in sarkern_checkpoints(output_dir).items() if owner == run_id), key=checkpoint_step)
     for path in mine[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
