@@ -6,18 +6,23 @@
     accelerate launch --num_processes 8 -m sarkern.cli train --model ./my-qwen ...
 
 Writes to the output directory: `metrics.jsonl` (one line per step), `metrics.png` (reward, accuracy and completion
-length against step), `checkpoint-*` folders, and the final model. A run restarted with the same output directory
-resumes from its last checkpoint (`--no-resume` starts over).
+length against step), `checkpoint-*` folders, the final model in `final/`, and `sarkern-run.json` (the run's
+identity). A run restarted with the same output directory resumes from its newest complete checkpoint, whatever
+stopped it; a finished run says so and exits; `--no-resume` starts a new run there. Every option and the dataset
+are checked before the first step; errors are one line (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .placeholder import PLACEHOLDER_PRESETS
 
 REWARDS = ("sar", "none", "self_confidence", "o1_pruner", "efficient_reasoner")
 
@@ -52,6 +57,10 @@ class TrainOptions:
     bf16: bool = False
     gradient_checkpointing: bool = False
     use_cpu: bool | None = None  # None: CPU when no CUDA device is present
+    drop_long_prompts: bool = False  # leave out prompts too long for the model (default: refuse them)
+    text_answers: bool = False  # accept reference answers math-verify cannot parse, compared verbatim
+    trust_remote_code: bool = False  # run Python code shipped in the model directory (never by default)
+    debug: bool = False  # show tracebacks
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
             )
         elif f.name == "placeholder":
             train.add_argument(
-                flag, dest=f.name, choices=("template", "paper"), default=None,
+                flag, dest=f.name, choices=PLACEHOLDER_PRESETS, default=None,
                 help="SAR's placeholder prompt: template (default: the chat template with the question emptied, "
                 "system messages kept) or paper (the official code's fixed system prompt)",
             )  # fmt: skip
@@ -98,29 +107,52 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_options(argv: list[str]) -> TrainOptions:
     """Defaults, overridden by the YAML config, overridden by explicit command-line flags."""
+    from .validation import check_option_values
+
     args = _parser().parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise SystemExit(f"sarkern train: config file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"sarkern train: {path} must hold a mapping of option names to values")
-        known = {f.name for f in fields(TrainOptions)}
-        unknown = sorted(set(k.replace("-", "_") for k in loaded) - known)
-        if unknown:
-            raise SystemExit(f"sarkern train: unknown options in {path}: {', '.join(unknown)}")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update(_read_config(Path(args.config)))
     values.update(
         {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainOptions)} and v is not None}
     )
     options = TrainOptions(**values)
     if options.reward not in REWARDS:
-        raise SystemExit(f"sarkern train: reward must be one of {REWARDS}, got {options.reward!r}")
+        raise SetupError(f"reward must be one of {REWARDS}, got {options.reward!r}")
+    if options.placeholder not in PLACEHOLDER_PRESETS:
+        raise SetupError(f"placeholder must be one of {PLACEHOLDER_PRESETS}, got {options.placeholder!r}")
+    try:
+        check_option_values(options)
+    except ValueError as err:
+        raise SetupError(f"{err}" + (f" (from {args.config} or the command line)" if args.config else "")) from None
     return options
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The options of a YAML config file, each converted to its option's type (or an error naming the key)."""
+    import yaml
+
+    from .validation import coerce_option
+
+    if not path.is_file():
+        raise SetupError(f"config file {path} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise SetupError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise SetupError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(loaded, dict):
+        raise SetupError(f"{path} must hold a mapping of option names to values")
+    kinds = {f.name: str(f.type) for f in fields(TrainOptions)}
+    loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    unknown = sorted(set(loaded) - set(kinds))
+    if unknown:
+        raise SetupError(f"unknown options in {path}: {', '.join(unknown)}")
+    try:
+        return {k: coerce_option(k, v, kinds[k]) for k, v in loaded.items()}
+    except ValueError as err:
+        raise SetupError(f"{path}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------------- building blocks
@@ -130,11 +162,22 @@ class SetupError(SystemExit):
     """Bad input found before training starts; the message says what and where."""
 
     def __init__(self, message: str):
-        super().__init__(f"sarkern train: {message}")
+        super().__init__(f"sarkern train: error: {message}")
 
 
-def load_model_and_tokenizer(path: str | None):
-    """The bundled tiny model, or a local Hugging Face model directory (checked before anything heavy runs)."""
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says where a rerun resumes."""
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def load_model_and_tokenizer(path: str | None, *, trust_remote_code: bool = False):
+    """The bundled tiny model, or a local Hugging Face model directory (checked before anything heavy runs).
+
+    Python code shipped in the directory (`auto_map` in its config) never runs, and transformers never asks about
+    it, unless `trust_remote_code` is True (`--trust-remote-code`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .tiny import TINY_MODEL_DIR
@@ -142,24 +185,35 @@ def load_model_and_tokenizer(path: str | None):
     model_dir = Path(path) if path else Path(TINY_MODEL_DIR)
     if not model_dir.is_dir():
         raise SetupError(f"model directory {model_dir} does not exist or is not a directory")
+    load = {"local_files_only": True, "trust_remote_code": bool(trust_remote_code)}
     try:
-        AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        AutoConfig.from_pretrained(model_dir, **load)
     except Exception as err:  # noqa: BLE001 - any failure here means the directory is not a usable model
-        raise SetupError(f"cannot read a model config in {model_dir}: {err}") from err
+        raise SetupError(f"cannot read a model config in {model_dir}: {_remote_code_hint(err)}") from err
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **load)
     except Exception as err:  # noqa: BLE001
-        raise SetupError(f"model directory {model_dir} has no usable tokenizer: {err}") from err
+        raise SetupError(f"model directory {model_dir} has no usable tokenizer: {_remote_code_hint(err)}") from err
     # transformers may build an empty tokenizer from the config alone; one that cannot encode text is no tokenizer.
     if tokenizer is None or len(tokenizer) <= 1 or not tokenizer.encode("1 + 1 = 2", add_special_tokens=False):
         raise SetupError(f"model directory {model_dir} has no usable tokenizer (no tokenizer files with a vocabulary)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
     except Exception as err:  # noqa: BLE001
-        raise SetupError(f"cannot load the model weights in {model_dir}: {err}") from err
+        raise SetupError(f"cannot load the model weights in {model_dir}: {_remote_code_hint(err)}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _remote_code_hint(err: Exception) -> str:
+    message = _one_line(err)
+    if "trust_remote_code" in message:
+        return (
+            "it contains custom Python code, which sarkern does not run unless you pass --trust-remote-code "
+            "(read that code first)"
+        )
+    return message
 
 
 def load_dataset_for(options: TrainOptions):
@@ -199,9 +253,29 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
     import torch
 
     from .trainer import SARGRPOConfig, SARGRPOTrainer
+    from .validation import check_answers_verifiable, fit_prompts
 
     dataset = load_dataset_for(options)
-    model, tokenizer = load_model_and_tokenizer(options.model)
+    model, tokenizer = load_model_and_tokenizer(options.model, trust_remote_code=options.trust_remote_code)
+    try:
+        if options.dataset is not None:
+            check_answers_verifiable(dataset["answer"], text_answers=options.text_answers)
+        dataset, dropped = fit_prompts(
+            dataset,
+            tokenizer,
+            max_positions=getattr(model.config, "max_position_embeddings", None),
+            max_completion_length=options.max_completion_length,
+            drop=options.drop_long_prompts,
+        )
+    except ValueError as err:
+        raise SetupError(f"{options.dataset or 'synthetic task'}: {err}") from None
+    if dropped:
+        total = dropped + len(dataset)
+        print(f"sarkern train: left out {dropped} of {total} prompts too long for the model", flush=True)
+    if len(dataset) < options.prompts_per_step:
+        raise SetupError(
+            f"the dataset has {len(dataset)} usable rows, fewer than prompts_per_step={options.prompts_per_step}"
+        )
     funcs, weights, sar = reward_setup(options)
     sar["sar_placeholder"] = options.placeholder
     use_cpu = (not torch.cuda.is_available()) if options.use_cpu is None else options.use_cpu
@@ -244,41 +318,112 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
 
 
 def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Path:
-    """Train, resuming from the output directory's last checkpoint unless `options.resume` is False."""
+    """Train in `options.output_dir`, resuming its run from the newest complete checkpoint unless `options.resume`
+    is False. A run that already finished is not trained again. Raises SetupError on bad input (before any step)
+    and RunInterrupted on Ctrl-C."""
     from transformers.trainer_callback import ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from .backends import requested_backend
     from .metrics import MetricsCallback, QuietProgressCallback, plot_metrics
+    from .rundir import RunDirectory, RunDirError, check_writable, checkpoint_step, newest_checkpoint, read_run_record
 
     output_dir = Path(options.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = get_last_checkpoint(str(output_dir)) if options.resume else None
+    try:
+        requested_backend()
+        check_writable(output_dir)
+        record = read_run_record(output_dir) if options.resume else None
+    except (ValueError, RunDirError) as err:
+        raise SetupError(str(err)) from None
+    if record and record.get("status") == "finished":
+        if os.environ.get("RANK", "0") == "0":  # the launcher's global rank; the trainer does not exist yet
+            print(
+                f"sarkern train: the run in {output_dir} already finished its {record.get('steps')} steps; its model "
+                f"is in {output_dir / 'final'}. Use --no-resume to train a new run there, or another --output-dir",
+                flush=True,
+            )
+        return output_dir
     metrics_path = output_dir / "metrics.jsonl"
     trainer = build_trainer(options, callbacks=[MetricsCallback(metrics_path), *(extra_callbacks or [])])
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgressCallback)
-    main_process = trainer.accelerator.is_main_process
-    if main_process:
-        if checkpoint is None and metrics_path.exists():
-            metrics_path.unlink()  # a fresh run starts a fresh metrics file
-        where = f"resuming from {checkpoint}" if checkpoint else "starting"
-        print(
-            f"sarkern train: {where}; {trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}",
-            flush=True,
+    accelerator = trainer.accelerator
+    try:
+        run = RunDirectory.open(
+            output_dir, main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone
         )
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(str(output_dir / "final"))  # on every process: it saves on the main one
-    if main_process:
-        plot_metrics(metrics_path, output_dir / "metrics.png")
-        print(f"sarkern train: metrics in {metrics_path}, plot in {output_dir / 'metrics.png'}", flush=True)
+    except RunDirError as err:
+        raise SetupError(str(err)) from None
+    with run:
+        try:
+            checkpoint = run.prepare(resume=options.resume, steps=options.steps)
+        except RunDirError as err:
+            raise SetupError(str(err)) from None
+        main_process = trainer.accelerator.is_main_process
+        say = (lambda text: print(f"sarkern train: {text}", flush=True)) if main_process else (lambda text: None)
+        trainer.sarkern_run_id = run.run_id
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgressCallback)
+        where = f"resuming from {checkpoint}" if checkpoint else "starting"
+        say(f"{where}; {trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}")
+        try:
+            if checkpoint is not None and checkpoint_step(checkpoint) >= options.steps:
+                trainer._load_from_checkpoint(str(checkpoint))  # stopped after its last step: nothing to train
+            else:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except KeyboardInterrupt:
+            for callback in trainer.callback_handler.callbacks:  # end the progress bar's line before the message
+                if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                    callback.training_bar.close()
+            resume_from = newest_checkpoint(output_dir, run.run_id)
+            step = trainer.state.global_step
+            raise RunInterrupted(
+                f"interrupted at step {step}; run the same command again to resume from {resume_from}"
+                if resume_from
+                else f"interrupted at step {step}, before the first checkpoint; running the same command again "
+                "starts this run over"
+            ) from None
+        final = output_dir / "final"
+        trainer.save_model(str(final))  # on every process: it saves on the main one
+        if main_process:
+            trainer.sarkern_model_card_dir = str(final)
+            trainer.create_model_card(model_name=output_dir.name)
+            plot_metrics(metrics_path, output_dir / "metrics.png")
+        run.mark_finished(options.steps)
+        say(f"metrics in {metrics_path}, plot in {output_dir / 'metrics.png'}, model in {final}")
     return output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`sarkern train ...`: 0 on success; on failure one line `sarkern train: error: ...` and a non-zero status
+    (the traceback only with --debug); 130 after Ctrl-C, with a line saying where a rerun resumes."""
     # transformers renames its gradient-checkpointing API in v6 and TRL still calls the old names: noise for users.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-    options = parse_options(sys.argv[1:] if argv is None else argv)
-    run_train(options)
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        options = parse_options(argv)
+        debug = options.debug  # also when a config file sets it
+        run_train(options)
+    except SetupError as err:
+        if debug:
+            raise
+        print(err.code, file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        message = str(err) if isinstance(err, RunInterrupted) else "interrupted"
+        print(f"sarkern train: {message}", file=sys.stderr, flush=True)
+        return 130
+    except SystemExit:
+        raise  # argparse's own usage errors and --help
+    except Exception as err:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
+        if debug:
+            raise
+        print(
+            f"sarkern train: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +47,22 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= state.global_step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= state.global_step]
+        # A new file renamed over the old one: a kill here leaves one or the other, never half of it.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "reward" not in logs:
             return  # only the per-step training logs, not the end-of-training summary
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        # One write() of the whole line on an O_APPEND descriptor: a crash leaves at most a torn last line.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
         if self.print_table:
             if not self._header_printed:
                 tqdm.write(" ".join(h.rjust(7) for h, _, _ in TABLE_COLUMNS))
@@ -73,7 +78,25 @@ class QuietProgressCallback(ProgressCallback):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics JSONL file. A line a crash tore (cut off mid-write) is left out with a warning;
+    the next resume rewrites the file without it."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(
+                f"{path}: line {number} is not a complete JSON record (torn by a crash mid-write?); left out",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        records.append(record)
+    return records
 
 
 # Panels of metrics.png: (title, key in the logs). SAR's own panels are drawn when the run logged them.

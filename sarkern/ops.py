@@ -9,6 +9,8 @@ segment ids) at run time, then dispatch to the Triton kernels or the chunked PyT
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import warnings
 from typing import Optional
 
@@ -49,11 +51,43 @@ def _check_same_device(**tensors: Tensor | None) -> None:
         raise ValueError(f"all inputs must be on one device, got {listed}")
 
 
-def _check_temperature(temperature: float) -> float:
+# The logits are scaled by 1/temperature in fp32: below the smallest normal fp32 number that scale overflows.
+_MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+_MAX_TEMPERATURE = torch.finfo(torch.float32).max
+_INT64 = torch.iinfo(torch.int64)
+
+
+def check_temperature(temperature) -> float:
+    """`temperature` as a float, or a ValueError naming why it cannot scale fp32 logits (also used by the scorer)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (numbers.Real, Tensor)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if not _MIN_TEMPERATURE <= temperature <= _MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature {temperature:g} is outside [{_MIN_TEMPERATURE:.4g}, {_MAX_TEMPERATURE:.4g}]: the logits are "
+            "scaled by 1/temperature in float32, which would overflow (every result NaN) or vanish"
+        )
     return temperature
+
+
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool):
+        raise TypeError("ignore_index must be an integer, got a bool")
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}") from None
+    if not _INT64.min <= value <= _INT64.max:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
+def _wide(ids: Tensor) -> Tensor:
+    """Ids as int64, so that comparisons with the vocabulary size and `ignore_index` never wrap around
+    (uint8 id 156 is not -100; an int16 id 25000 is below a vocabulary of 40000)."""
+    return ids if ids.dtype == torch.int64 else ids.long()
 
 
 def _check_targets_in_vocab(targets: Tensor, vocab: int, ignore_index: int | None) -> None:
@@ -61,6 +95,7 @@ def _check_targets_in_vocab(targets: Tensor, vocab: int, ignore_index: int | Non
     With `ignore_index=None` every target must be a token id."""
     if targets.numel() == 0:
         return
+    targets = _wide(targets)
     bad = (targets < 0) | (targets >= vocab)
     if ignore_index is not None:
         bad &= targets != ignore_index
@@ -80,6 +115,8 @@ def _check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden and weight have an empty hidden dimension (D = 0): there is nothing to project")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden [..., D] and weight [V, D] disagree on D: {tuple(hidden.shape)} vs {tuple(weight.shape)}"
@@ -202,7 +239,7 @@ def token_logprobs(
         raise ValueError("logits have an empty vocabulary dimension")
     _check_same_device(logits=logits, targets=targets)
     logprobs, entropy, _ = _token_logprobs_op(
-        logits, targets, _check_temperature(temperature), int(ignore_index), bool(return_entropy)
+        logits, _wide(targets), check_temperature(temperature), _check_ignore_index(ignore_index), bool(return_entropy)
     )
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -423,9 +460,9 @@ def linear_token_logprobs(
         _rows(hidden),
         weight if weight.stride(-1) == 1 else weight.contiguous(),
         bias.contiguous() if bias is not None else None,
-        targets.reshape(-1).contiguous(),
-        _check_temperature(temperature),
-        int(ignore_index),
+        _wide(targets).reshape(-1).contiguous(),
+        check_temperature(temperature),
+        _check_ignore_index(ignore_index),
         bool(return_entropy),
     )
     if return_entropy:
@@ -456,10 +493,9 @@ def sequence_perplexity(
             f"segment_ids must have the shape of targets {tuple(targets.shape)}, got {tuple(segment_ids.shape)}"
         )
     _check_same_device(hidden=hidden, segment_ids=segment_ids)
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
-        raise ValueError(f"num_segments must be a non-negative int, got {num_segments!r}")
-    segment_ids = segment_ids.reshape(-1).contiguous()
-    targets = targets.reshape(-1).contiguous()
+    num_segments = _check_num_segments(num_segments, segment_ids.numel())
+    segment_ids = _wide(segment_ids).reshape(-1).contiguous()
+    targets = _wide(targets).reshape(-1).contiguous()
     sums, counts, _ = _segment_logprob_sums_op(
         _rows(hidden),
         weight if weight.stride(-1) == 1 else weight.contiguous(),
@@ -467,6 +503,25 @@ def sequence_perplexity(
         targets,
         segment_ids,
         num_segments,
-        _check_temperature(temperature),
+        check_temperature(temperature),
     )
     return torch.exp(-sums / counts)
+
+
+def _check_num_segments(num_segments, n_tokens: int) -> int:
+    """The output has `num_segments` values; more than there are tokens can only be empty (NaN) segments, and a
+    careless 10**9 would allocate gigabytes for 4 tokens."""
+    if isinstance(num_segments, bool):
+        raise ValueError("num_segments must be a non-negative int, got a bool")
+    try:
+        num_segments = operator.index(num_segments)
+    except TypeError:
+        raise ValueError(f"num_segments must be a non-negative int, got {num_segments!r}") from None
+    if num_segments < 0:
+        raise ValueError(f"num_segments must be a non-negative int, got {num_segments}")
+    if num_segments > n_tokens:
+        raise ValueError(
+            f"num_segments={num_segments} exceeds the {n_tokens} tokens given: at most one segment per token can "
+            "hold a token, the rest could only be empty (NaN)"
+        )
+    return num_segments

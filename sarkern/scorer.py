@@ -34,7 +34,7 @@ from .attention import (
     PackedLayout,
     register_attention,
 )
-from .ops import sequence_perplexity
+from .ops import check_temperature, sequence_perplexity
 from .placeholder import PlaceholderPrompts, is_conversation, validate_placeholder_preset, validate_token_ids
 from .sar import sar_reward_from_nll, validate_sar_options
 
@@ -220,8 +220,7 @@ class SARScorer:
         validate_sar_options(
             use_log=use_log, use_denominator=use_denominator, use_comparison=use_comparison, clip_value=clip_value
         )
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        temperature = check_temperature(temperature)  # any real number type (numpy scalars too), fp32-safe
         if isinstance(max_tokens_per_pass, bool) or not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1:
             raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens_per_pass!r}")
         if empty_completions not in ("nan", "raise"):
@@ -427,7 +426,7 @@ class SARScorer:
                         f"({max(len(c) for c in completions)} tokens)"
                     )
                 rows = [lp[i, : len(completions[i])] for i in range(batch)]
-        elif isinstance(cond_logprobs, Sequence):
+        elif isinstance(cond_logprobs, Sequence) and not isinstance(cond_logprobs, (str, bytes)):
             if len(cond_logprobs) != batch:
                 raise ValueError(f"got cond_logprobs for {len(cond_logprobs)} completions, expected {batch}")
             rows = [torch.as_tensor(r).detach().to("cpu", torch.float64).reshape(-1) for r in cond_logprobs]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import random
 import re
 from collections.abc import Sequence
@@ -354,9 +355,16 @@ def load_qa_file(
         data[question_column] if isinstance(data, Dataset) else [r[question_column] for r in data]
     )
     answers: Sequence[Any] = data[answer_column] if isinstance(data, Dataset) else [r[answer_column] for r in data]
-    for index, (question, answer) in enumerate(zip(questions, answers)):
-        if question is None or answer is None or not str(question).strip():
-            raise DatasetFormatError(f"{path}: row {index} has an empty question or answer")
+    for row, (question, answer) in enumerate(zip(questions, answers), start=1):
+        if question is None or answer is None or not str(question).strip() or not str(answer).strip():
+            raise DatasetFormatError(f"{path}: row {row} has an empty question or answer")
+        # str() of a dict or list would make a prompt or an answer nobody wrote; rows count from 1.
+        if not isinstance(question, str):
+            raise DatasetFormatError(f"{path}: row {row} has a question of type {type(question).__name__}, not text")
+        if isinstance(answer, bool) or not isinstance(answer, (str, numbers.Real)):
+            raise DatasetFormatError(
+                f"{path}: row {row} has an answer of type {type(answer).__name__}; answers must be text or a number"
+            )
     return Dataset.from_dict(
         {
             "prompt": [make_prompt(str(q), system_prompt) for q in questions],

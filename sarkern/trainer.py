@@ -34,6 +34,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .capture import CAPTURE_NLL_BOUNDS, CaptureMismatchError, capture_sampling_logprobs
 from .placeholder import PLACEHOLDER_PRESETS, validate_placeholder_preset
+from .rundir import AtomicCheckpoints
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
 
@@ -147,7 +148,7 @@ class _SARRewardFunction:
         return self._trainer._sar_rewards(completion_ids)
 
 
-class SARGRPOTrainer(GRPOTrainer):
+class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """`GRPOTrainer` whose reward includes `sar_weight * SAR`, computed with the policy's current weights.
 
     Logged each step, besides TRL's own metrics (`rewards/sar/mean` among them), reduced over all processes:
