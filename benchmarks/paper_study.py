@@ -68,7 +68,9 @@ HEADLINE_PAIRS = (("concise correct", "padded correct"), ("partially correct", "
 
 @dataclass
 class StudySettings:
-    """What every run of the study shares. Resuming requires the same values (`SHARED_FIELDS`)."""
+    """What every run of the study shares. Resuming requires the same values (`SHARED_FIELDS`).
+
+    The defaults are the committed CPU study's (sized to fit about an hour on a shared 2-core machine)."""
 
     model: str | None = None  # None: the bundled tiny model
     dataset: str | None = None  # None: the synthetic arithmetic task
@@ -77,15 +79,15 @@ class StudySettings:
     answer_column: str = "answer"
     configs: list[str] = field(default_factory=lambda: list(CONFIGURATIONS))
     seeds: int = 3
-    steps: int = 40
-    prompts_per_step: int = 8
+    steps: int = 30
+    prompts_per_step: int = 4
     num_generations: int = 8
     max_completion_length: int = 96
     learning_rate: float = 1e-4
     num_problems: int = 2000
     eval_problems: int = 200
-    eval_samples: int = 4
-    eval_max_new_tokens: int = 200
+    eval_samples: int = 2
+    eval_max_new_tokens: int = 128
     ranking_problems: int = 100
     save_steps: int = 10
     bf16: bool = False
@@ -255,7 +257,14 @@ def load_for_eval(path: str | None):
 class Study:
     """One study directory: its settings, data, runs and report."""
 
-    def __init__(self, settings: StudySettings, workdir: Path, results_dir: Path, date: str | None = None):
+    def __init__(
+        self,
+        settings: StudySettings,
+        workdir: Path,
+        results_dir: Path,
+        date: str | None = None,
+        findings: str | None = None,
+    ):
         self.settings = settings
         self.workdir = Path(workdir)
         self.results_dir = Path(results_dir)
@@ -266,14 +275,14 @@ class Study:
             raise StudyError("need at least one seed and one step")
         if settings.eval_dataset and not settings.dataset:
             raise StudyError("--eval-dataset needs --dataset (the synthetic task has its own held-out split)")
-        self.manifest = self._open_manifest(date)
+        self.manifest = self._open_manifest(date, findings)
         self.synthetic = settings.dataset is None
         self.train_path, self.eval_dataset = self._prepare_data()
         self.answer_sets = ranking_answer_sets(settings.ranking_problems) if self.synthetic else None
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
 
-    def _open_manifest(self, date: str | None) -> dict[str, Any]:
+    def _open_manifest(self, date: str | None, findings: str | None) -> dict[str, Any]:
         path = self.workdir / "study.json"
         if path.exists():
             manifest = json.loads(path.read_text())
@@ -287,9 +296,13 @@ class Study:
                 )
             if date and date != manifest["date"]:
                 manifest["date"] = date
+            if not self.settings.note:  # the note given at the start stays unless a new one is given
+                self.settings.note = stored.get("note", "")
         else:
             manifest = {"date": date or datetime.date.today().isoformat(), "started": _now()}
         manifest["settings"] = asdict(self.settings)
+        if findings is not None:
+            manifest["findings"] = findings
         self.workdir.mkdir(parents=True, exist_ok=True)
         _write_json(path, manifest)
         return manifest
@@ -456,6 +469,7 @@ class Study:
             "runs_planned": len(self.plan()),
             "runs_finished": len(runs),
             "settings": asdict(self.settings),
+            "findings": self.manifest.get("findings"),
             "configurations": {name: CONFIGURATIONS[name] for name in self.settings.configs},
             "environment": environment(),
             "study_wall_seconds": sum(r["wall_seconds"] for r in runs.values()) + (base or {}).get("wall_seconds", 0),
@@ -582,6 +596,7 @@ def markdown_report(data: dict[str, Any], plot_name: str) -> str:
         f"{env['python']}, torch {env['torch']}, transformers {env['transformers']}, TRL {env['trl']}.",
         f"Compute time of the finished runs (training + evaluation, wall clock): "
         f"{data['study_wall_seconds'] / 60:.1f} min.",
+        *(["", "## Findings", "", data["findings"].strip()] if data.get("findings") else []),
         "",
         "## Settings",
         "",
@@ -766,6 +781,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudySettings, argparse.N
     parser.add_argument("--date", default=None, help="date in the report's file name (default: the study's start)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs, no training")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--findings-file", default=None, help="markdown text for the report's Findings section (kept in the study)"
+    )
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGURATIONS), default=defaults.configs)
     for f in fields(StudySettings):
         if f.name == "configs":
@@ -786,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
     settings, args = parse_args(argv)
-    study = Study(settings, Path(args.workdir), Path(args.results_dir), date=args.date)
+    findings = Path(args.findings_file).read_text() if args.findings_file else None
+    study = Study(settings, Path(args.workdir), Path(args.results_dir), date=args.date, findings=findings)
     if not args.report_only:
         study.run_all(progress=not args.no_progress)
     paths = study.write_report()

@@ -74,7 +74,7 @@ def test_pair_agreement_counts_ties_as_half():
 def test_study_end_to_end_resumes_and_refuses_other_settings(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     where = ["--workdir", str(work), "--results-dir", str(results), "--date", "2000-01-01"]
-    assert paper_study.main(TOY + where) == 0
+    assert paper_study.main(TOY + where + ["--note", "Sized for a test."]) == 0
 
     stem = results / "paper-study-2000-01-01"
     data = json.loads(stem.with_suffix(".json").read_text())
@@ -104,10 +104,35 @@ def test_study_end_to_end_resumes_and_refuses_other_settings(tmp_path):
     assert result_file.stat().st_mtime_ns == stamp
     assert not list((work / "runs").glob("*/seed-0/checkpoint-*"))  # dropped once a run is evaluated
 
-    # More seeds than finished: the report says it is partial, and by how much.
-    assert paper_study.main(TOY + where + ["--seeds", "2", "--report-only"]) == 0
+    # More seeds than finished: the report says it is partial, and by how much; the note given at the start stays.
+    findings = tmp_path / "findings.md"
+    findings.write_text("Nothing to see at two steps.\n")
+    assert paper_study.main(TOY + where + ["--seeds", "2", "--report-only", "--findings-file", str(findings)]) == 0
     partial = stem.with_suffix(".md").read_text()
     assert "PARTIAL: 2 of 4 runs finished" in partial and "correctness 1/2" in partial
+    assert "## Findings\n\nNothing to see at two steps." in partial and "Sized for a test." in partial
 
     with pytest.raises(SystemExit, match="other settings.*steps: 2 -> 3"):
         paper_study.main(TOY + where + ["--steps", "3"])
+
+
+def test_study_on_a_dataset_file_holds_out_rows_and_says_the_ranking_did_not_run(tmp_path):
+    problems = generate_problems(20, 0, split="train")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": p.question, "a": f"#### {p.answer}"}) + "\n" for p in problems))
+    toy = TOY[TOY.index("--seeds") :]  # one configuration
+    args = ["--configs", "correctness", "--dataset", str(data), "--question-column", "q", "--answer-column", "a"]
+    where = ["--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), "--date", "2000-01-01"]
+    assert paper_study.main(args + toy + ["--steps", "1"] + where) == 0
+
+    trained = [json.loads(line) for line in (tmp_path / "work" / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(trained) == 20 - 6  # --eval-problems 6 held out, never trained on
+    assert {row["answer"] for row in trained} <= {str(p.answer) for p in problems}
+    result = json.loads((tmp_path / "results" / "paper-study-2000-01-01.json").read_text())
+    assert result["base"]["eval_problems"] == 6 and "ranking" not in result["base"]
+    assert "ranking" not in result["runs"][0]
+    report = (tmp_path / "results" / "paper-study-2000-01-01.md").read_text()
+    assert "Not run: the ranking analysis needs the synthetic task's generator" in report
+
+    with pytest.raises(SystemExit, match="not more than --eval-problems"):
+        paper_study.main(args + toy + ["--eval-problems", "20", "--workdir", str(tmp_path / "other")] + where[2:])
