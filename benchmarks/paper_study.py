@@ -746,10 +746,12 @@ def plot_pareto(data: dict[str, Any], out: Path) -> None:
         ax.set_xlabel("mean completion length (tokens)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 4) or 1)
     status = "" if data["complete"] else f" (PARTIAL: {data['runs_finished']}/{data['runs_planned']} runs)"
     fig.suptitle(f"Pareto study, {data['date']}{status}: upper left is better", fontsize=10)
-    fig.tight_layout()
+    rows = math.ceil(len(labels) / 4) if labels else 0
+    fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))  # room for the legend below the panels
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
