@@ -404,18 +404,12 @@ class Study:
         with (run_dir / "train.log").open("a") as log, contextlib.redirect_stdout(log):
             run_train(self.train_options(config, seed))
         train_wall = time.perf_counter() - started
-        records = read_metrics(run_dir / "metrics.jsonl")
-        last = records[-10:]
         model, tokenizer = load_for_eval(str(run_dir / "final"))
         result = {
             "config": config,
             "seed": seed,
             **evaluate(model, tokenizer, self.eval_dataset, self.settings),
-            "steps": len(records),
-            "sar_step_share": _mean(r.get("sar/step_share") for r in records),
-            "step_seconds": _mean(r.get("step_time") for r in records),
-            "train_accuracy_last10": _mean(r.get("rewards/correctness/mean") for r in last),
-            "train_length_last10": _mean(r.get("completions/mean_length") for r in last),
+            **training_summary(read_metrics(run_dir / "metrics.jsonl")),
             "train_wall_seconds": train_wall,
         }
         if self.answer_sets is not None:
@@ -489,9 +483,23 @@ class Study:
 METRICS = ("greedy_accuracy", "sampled_accuracy", "greedy_length", "sampled_length", "sar_step_share", "step_seconds")
 
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.fmean(values) if values else None
+def _present(values) -> list[float]:
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def training_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a run's metrics say about its training. Times are medians over steps: a paused process (SIGSTOP while
+    someone measures on a shared machine) inflates a few steps' wall time, not the median."""
+    share, step = _present(r.get("sar/step_share") for r in records), _present(r.get("step_time") for r in records)
+    accuracy = _present(r.get("rewards/correctness/mean") for r in records[-10:])
+    length = _present(r.get("completions/mean_length") for r in records[-10:])
+    return {
+        "steps": len(records),
+        "sar_step_share": statistics.median(share) if share else None,
+        "step_seconds": statistics.median(step) if step else None,
+        "train_accuracy_last10": statistics.fmean(accuracy) if accuracy else None,
+        "train_length_last10": statistics.fmean(length) if length else None,
+    }
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
@@ -620,7 +628,8 @@ def markdown_report(data: dict[str, Any], plot_name: str) -> str:
         "## 1. Pareto study: accuracy and length after training",
         "",
         "Mean ± sample standard deviation over seeds. SAR share = the scorer's share of the training step's wall "
-        "time (`sar/step_share`, SAR configurations only); step = mean training step time.",
+        "time (`sar/step_share`, SAR configurations only) and step = training step time, each the median over a "
+        "run's steps.",
         "",
         "| configuration | runs | greedy accuracy | sampled accuracy | greedy length | sampled length | SAR share "
         "| step (s) |",
@@ -749,7 +758,10 @@ def plot_pareto(data: dict[str, Any], out: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 4) or 1)
     status = "" if data["complete"] else f" (PARTIAL: {data['runs_finished']}/{data['runs_planned']} runs)"
-    fig.suptitle(f"Pareto study, {data['date']}{status}: upper left is better", fontsize=10)
+    fig.suptitle(
+        f"Pareto study, {data['date']}{status}: one faint point per run, mean ± 1 std over seeds; upper left is better",
+        fontsize=10,
+    )
     rows = math.ceil(len(labels) / 4) if labels else 0
     fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))  # room for the legend below the panels
     fig.savefig(out, dpi=110)
