@@ -291,3 +291,18 @@ def test_bundled_model_samples_varied_lengths(bundled):
     texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     lengths = [len(t) for t in texts]
     assert max(lengths) - min(lengths) >= 50, lengths
+
+
+def test_sampled_evaluation_is_seeded_and_leaves_the_callers_random_state(bundled):
+    model, tokenizer = bundled
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = evaluate_accuracy(model, tokenizer, num_problems=6, num_samples=3, sampling_seed=5, max_new_tokens=120)
+    assert torch.equal(torch.rand(3), expected_next)  # the evaluation drew from its own seeded generator state
+    again = evaluate_accuracy(model, tokenizer, num_problems=6, num_samples=3, sampling_seed=5, max_new_tokens=120)
+    assert first.num_problems == 18 and len(first.completions) == 18
+    assert first.completions == again.completions
+    assert len(set(first.completions)) > 6  # sampling at temperature 1 varies the completions
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate_accuracy(model, tokenizer, num_problems=2, num_samples=-1)
