@@ -7,9 +7,13 @@ interval test, ``lo1 <= k < hi1 or lo2 <= k < hi2``, and the block structure Fle
 each query block must visit, and which of them are entirely visible) follows exactly from the intervals, without ever
 evaluating a ``[T, T]`` mask.
 
-The row is padded to a multiple of the block size (its shape bucket); padding rows form one extra causal segment that
-no real row sees. The kernel is ``torch.compile(flex_attention, dynamic=True)``: one compiled kernel serves every
-bucket, so GRPO steps whose packed lengths differ do not recompile.
+The row is padded to a multiple of the block size (its shape bucket); padding rows see no key and no row sees them,
+so their query blocks cost nothing. On CUDA the kernel is ``torch.compile(flex_attention, dynamic=True)``: one
+compiled kernel serves every bucket (after at most one re-specialisation of the very first shape), so GRPO steps whose
+packed lengths differ do not recompile. On CPU, where Inductor's FlexAttention template miscompiles dynamic shapes
+(torch 2.13: undeclared split-size variables in the generated C++), each bucket is compiled once, statically. Either
+way the number of compiled variants is capped (:data:`MAX_COMPILED_VARIANTS`) and exceeding it raises instead of
+falling back to uncompiled FlexAttention, which would materialise every score.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ if TYPE_CHECKING:
 
 # FlexAttention's own default tile (and the granularity of the shape buckets).
 BLOCK_SIZE = 128
+
+# Compiled FlexAttention variants allowed before refusing (dynamo's default limit of 8 would silently fall back to the
+# unfused, score-materialising implementation): shape buckets on CPU, score/mask variants everywhere.
+MAX_COMPILED_VARIANTS = 64
 
 
 def bucket_length(total_len: int, block_size: int = BLOCK_SIZE) -> int:
@@ -56,10 +64,7 @@ def row_intervals(
         bounds[1, rows] = seg.prefix_start + p
         bounds[2, rows] = seg.query_start + skip_own
         bounds[3, rows] = seg.query_start + j + 1
-    pad = torch.arange(total_len, padded_len)
-    bounds[0, total_len:] = bounds[1, total_len:] = total_len
-    bounds[2, total_len:] = total_len
-    bounds[3, total_len:] = pad + 1
+    bounds[:, total_len:] = total_len  # padding rows see nothing (their output is discarded): no work for them
     # Touching ranges (a segment right after its prefix, no window cut between them) become one range, so that a key
     # block straddling the two counts as entirely visible.
     touching = (bounds[1] == bounds[2]) & (bounds[0] < bounds[1])
@@ -70,7 +75,8 @@ def row_intervals(
 
 def _interval_mask_mod(bounds: torch.Tensor) -> Callable:
     """FlexAttention ``mask_mod`` of the intervals (one function body for every layout: no recompilation)."""
-    lo1, hi1, lo2, hi2 = bounds.unbind(0)
+    # Separate tensors, not views into ``bounds``: Inductor's CPU template miscompiles captured views with an offset.
+    lo1, hi1, lo2, hi2 = (row.clone() for row in bounds.unbind(0))
 
     def mask_mod(b, h, q_idx, kv_idx):
         return ((kv_idx >= lo1[q_idx]) & (kv_idx < hi1[q_idx])) | ((kv_idx >= lo2[q_idx]) & (kv_idx < hi2[q_idx]))
@@ -126,12 +132,15 @@ def build_block_mask(
     )
 
 
-def softcap_score_mod(softcap: float) -> Callable:
+def softcap_score_mod(softcap: float, device: torch.device) -> Callable:
     """Attention soft-capping as transformers' eager attention applies it: ``softcap * tanh(score / softcap)`` on the
     scaled scores (Gemma 2's ``attn_logit_softcapping``)."""
+    # A 0-d tensor rather than a Python float, which a dynamic-shape compilation would turn into a symbolic input
+    # that Inductor's FlexAttention lowering cannot take.
+    cap = torch.tensor(float(softcap), dtype=torch.float32, device=device)
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
+        return cap * torch.tanh(score / cap)
 
     return score_mod
 
@@ -160,16 +169,16 @@ def flex_unavailable_reason(device: torch.device) -> str | None:
 
 
 @functools.cache
-def compiled_flex_attention() -> Callable:
-    """``flex_attention`` compiled once with a dynamic sequence length (shared by every layer and every bucket)."""
+def compiled_flex_attention(dynamic: bool) -> Callable:
+    """``flex_attention`` compiled with a dynamic sequence length, or per shape (shared by every layer)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True)
+    return torch.compile(flex_attention, dynamic=dynamic)
 
 
-def flex_kernel() -> Callable:
-    """The FlexAttention callable the backend runs (tests swap in the uncompiled one at tiny shapes)."""
-    return compiled_flex_attention()
+def flex_kernel(device: torch.device) -> Callable:
+    """The FlexAttention callable the backend runs on ``device`` (tests swap in the uncompiled one at tiny shapes)."""
+    return compiled_flex_attention(dynamic=device.type != "cpu")
 
 
 def flex_forward(
@@ -185,17 +194,24 @@ def flex_forward(
     pad = block_mask.seq_lengths[0] - total_len
     if pad:
         query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
-    score_mod = None if softcap is None else softcap_score_mod(float(softcap))
+    score_mod = None if softcap is None else softcap_score_mod(softcap, query.device)
+    kernel = flex_kernel(query.device)
     try:
-        out = flex_kernel()(
-            query,
-            key,
-            value,
-            score_mod=score_mod,
-            block_mask=block_mask,
-            scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_VARIANTS, fail_on_recompile_limit_hit=True):
+            out = kernel(
+                query,
+                key,
+                value,
+                score_mod=score_mod,
+                block_mask=block_mask,
+                scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1],
+            )
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+        raise RuntimeError(
+            f"FlexAttention was compiled for {MAX_COMPILED_VARIANTS} shapes or variants already; refusing to fall "
+            "back to its uncompiled, score-materialising implementation"
+        ) from err
     except torch._dynamo.exc.TorchDynamoException as err:
         raise RuntimeError(
             f"compiling FlexAttention for the 'flex' attention backend failed on {query.device.type} "

@@ -57,7 +57,7 @@ def eager_flex(monkeypatch):
     from torch.nn.attention import flex_attention as flex_module
 
     monkeypatch.setattr(flex_module, "_warn_once", lambda *a, **k: None)  # "unfused implementation": on purpose here
-    monkeypatch.setattr(flex, "flex_kernel", lambda: flex_module.flex_attention)
+    monkeypatch.setattr(flex, "flex_kernel", lambda device: flex_module.flex_attention)
     calls = []
     real_forward = flex.flex_forward
     monkeypatch.setattr(flex, "flex_forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
@@ -96,9 +96,8 @@ def test_block_mask_equals_the_layout_mask(layout, window, block_size):
     dense, partial, full, by_mod = block_mask_as_dense(block_mask)
     t = layout.total_len
     torch.testing.assert_close(dense[:t, :t], dense_layout_mask(layout, window), rtol=0, atol=0)
-    # Padding: real rows never see padding keys; padding rows see only earlier padding rows (and themselves).
-    assert not dense[:t, t:].any() and not dense[t:, :t].any()
-    assert torch.equal(dense[t:, t:], torch.ones(padded - t, padded - t, dtype=torch.bool).tril())
+    # Padding: real rows never see padding keys; padding rows see nothing (their output is discarded).
+    assert not dense[:t, t:].any() and not dense[t:].any()
     # Tight: a full block is entirely visible, a partial one partly, any other block not at all.
     visible = dense.view(padded // block_size, block_size, padded // block_size, block_size)
     assert torch.equal(visible.all(3).all(1), full)
@@ -175,7 +174,7 @@ def test_auto_picks_flex_on_cuda_without_flash_attn(monkeypatch):
 
 
 def test_compilation_failure_is_reported_by_name(monkeypatch):
-    def failing_kernel():
+    def failing_kernel(device):
         def kernel(*args, **kwargs):
             raise torch._dynamo.exc.TorchDynamoException("no working compiler")
 
@@ -200,3 +199,32 @@ def test_scorer_on_flex_matches_naive_forwards_and_sdpa(arch, eager_flex):
     sdpa = SARScorer(model, placeholder_ids=PLACEHOLDER, attention_backend="sdpa").score(prompts, completions)
     assert_ppl_close(scores.ppl_cond, sdpa.ppl_cond, 2 * tol)
     assert_ppl_close(scores.ppl_uncond, sdpa.ppl_uncond, 2 * tol)
+
+
+def packed_layout(prefix: int, completions: list[int]) -> PackedLayout:
+    segments, row = [AttentionSegment(0, prefix)], prefix
+    for n in completions:
+        segments.append(AttentionSegment(row, n, 0, prefix))
+        row += n
+    return PackedLayout(tuple(segments), total_len=row, backend="flex")
+
+
+def test_compiled_kernel_serves_every_length_of_its_bucket():
+    """The real compiled kernel (Inductor's C++ FlexAttention on CPU, one static kernel per bucket): exact against the
+    definition, and a new layout of another length in a bucket already compiled runs without recompiling."""
+    assert flex.flex_unavailable_reason(torch.device("cpu")) is None, "the test machine has a C++ compiler"
+    g = torch.Generator().manual_seed(3)
+
+    def run(layout, window):
+        t = layout.total_len
+        q, k = torch.randn(1, 4, t, 8, generator=g), torch.randn(1, 2, t, 8, generator=g)
+        v = torch.randn(1, 2, t, 8, generator=g)
+        out, _ = shared_prefix_attention(
+            torch.nn.Module(), q, k, v, None, scaling=0.4, sliding_window=window, sarkern_layout=layout
+        )
+        assert_attention_close(out, q, k, v, layout, 0.4, window)
+
+    run(packed_layout(40, [60, 1, 70]), window=None)  # 171 rows: bucket 256
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(packed_layout(100, [90, 1, 20]), window=None)  # 211 rows, same bucket
+        run(packed_layout(9, [150, 1, 3, 40]), window=6)  # 203 rows, a window shorter than the prefix
