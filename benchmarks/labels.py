@@ -45,6 +45,15 @@ CONTENDERS: dict[str, tuple[str, str]] = {
         "sarkern, conditioned half reused",
         "`SARScorer` given the trainer's conditioned log-probs: only the placeholder half runs",
     ),
+    "sarkern-flex": (
+        "sarkern, FlexAttention",
+        "`SARScorer(attention_backend='flex')`: one compiled FlexAttention call per layer over the packed row's "
+        "block mask",
+    ),
+    "sarkern-sdpa": (
+        "sarkern, per-segment SDPA",
+        "`SARScorer(attention_backend='sdpa')`: one SDPA call per segment and layer (the CPU path)",
+    ),
     "grpo_without_sar": (
         "GRPO without SAR",
         "the same `SARGRPOTrainer` step with correctness as the only reward (no scoring pass)",
