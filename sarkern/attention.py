@@ -26,12 +26,11 @@ Backends:
 * ``"flex"`` (CUDA by default; CPU when asked, with a C++ compiler): one compiled ``flex_attention`` call per layer
   over the packed row, with a block mask built once per pass from the layout (:meth:`PackedLayout.flex_block_mask`).
   Each query row sees at most two key intervals (its prefix's rows, then its own segment's rows up to itself, both
-  narrowed by the window), so the mask is a per-row interval test and its block structure is computed exactly from
-  the intervals in ``O(T * T / block)``; the prefix's keys and values are read in place, once per block that needs them,
-  never copied per completion. The row is padded to a multiple of the block size (the shape bucket; padding rows see
-  only each other) and the kernel is compiled with a dynamic sequence length, so GRPO steps of varying lengths reuse
-  one compiled kernel instead of recompiling per length. Attention soft-capping (Gemma 2's ``softcap``) is a
-  ``score_mod``.
+  narrowed by the window), so the mask is a per-row interval test and its block structure is counted exactly from
+  the intervals in ``O(T + (T / block)^2)``. The prefix's keys and values are read in place, once per query block
+  that needs them, never copied per completion. The row is padded to a multiple of the block size (its shape bucket;
+  padding rows see nothing); compilation is handled in :mod:`sarkern.flex` (one dynamic-length kernel on CUDA, one
+  static kernel per bucket on CPU). Attention soft-capping (Gemma 2's ``softcap``) is a ``score_mod``.
 * ``"sdpa"`` (everywhere, CPU's default): one ``scaled_dot_product_attention`` call per segment (and per query chunk
   for long ones) with a boolean mask of at most ``chunk_rows x visible_keys`` elements (bounded by
   ``max_mask_elements``), never ``[T, T]``.

@@ -86,17 +86,28 @@ def _interval_mask_mod(bounds: torch.Tensor) -> Callable:
 
 def block_structure(bounds: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """``(partial, full)`` bool ``[q_blocks, kv_blocks]``: key blocks some (not all) / all pairs of which are visible
-    from a query block, computed from the row intervals (``[rows, kv_blocks]`` work, not ``[rows, rows]``)."""
+    from a query block, counted from the row intervals in ``O(rows + blocks^2)``.
+
+    A range ``[lo, hi)`` touches key blocks ``[lo // B, ceil(hi / B))`` and covers ``[ceil(lo / B), hi // B)``; per
+    query block, difference arrays count how many rows touch / cover each key block. A block is full when all its
+    ``B`` rows cover it (a row's two ranges neither overlap nor touch, so no block is covered twice by one row).
+    """
     padded_len = bounds.shape[1]
     blocks = padded_len // block_size
-    start = torch.arange(blocks, device=bounds.device) * block_size
-    end = start + block_size
-    lo1, hi1, lo2, hi2 = (x.unsqueeze(1) for x in bounds.unbind(0))
-    touches = ((lo1 < end) & (hi1 > start) & (lo1 < hi1)) | ((lo2 < end) & (hi2 > start) & (lo2 < hi2))
-    covers = ((lo1 <= start) & (hi1 >= end)) | ((lo2 <= start) & (hi2 >= end))
-    any_visible = touches.view(blocks, block_size, blocks).any(1)
-    full = covers.view(blocks, block_size, blocks).all(1)
-    return any_visible & ~full, full
+    q_block = torch.arange(padded_len, device=bounds.device) // block_size
+    touch = torch.zeros(blocks, blocks + 1, dtype=torch.int32, device=bounds.device)
+    cover = torch.zeros_like(touch)
+    for lo, hi in ((bounds[0], bounds[1]), (bounds[2], bounds[3])):
+        for counts, first, end in (
+            (touch, lo // block_size, -(-hi // block_size)),
+            (cover, -(-lo // block_size), hi // block_size),
+        ):
+            step = ((lo < hi) & (first < end)).to(torch.int32)
+            counts.index_put_((q_block, first), step, accumulate=True)
+            counts.index_put_((q_block, end), -step, accumulate=True)
+    touched = touch.cumsum(1)[:, :blocks] > 0
+    full = cover.cumsum(1)[:, :blocks] == block_size
+    return touched & ~full, full
 
 
 def _kv_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
