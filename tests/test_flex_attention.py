@@ -211,7 +211,8 @@ def packed_layout(prefix: int, completions: list[int]) -> PackedLayout:
 
 def test_compiled_kernel_serves_every_length_of_its_bucket():
     """The real compiled kernel (Inductor's C++ FlexAttention on CPU, one static kernel per bucket): exact against the
-    definition, and a new layout of another length in a bucket already compiled runs without recompiling."""
+    definition, a new layout of another length in a bucket already compiled runs without recompiling, and the scorer
+    on it matches naive forwards."""
     assert flex.flex_unavailable_reason(torch.device("cpu")) is None, "the test machine has a C++ compiler"
     g = torch.Generator().manual_seed(3)
 
@@ -228,3 +229,11 @@ def test_compiled_kernel_serves_every_length_of_its_bucket():
     with torch._dynamo.config.patch(error_on_recompile=True):
         run(packed_layout(100, [90, 1, 20]), window=None)  # 211 rows, same bucket
         run(packed_layout(9, [150, 1, 3, 40]), window=6)  # 203 rows, a window shorter than the prefix
+
+    # And inside a model: the scorer on the compiled kernel (sliding-window Mistral, one pass in bucket 128).
+    model = tiny_model("mistral")
+    prompts, completions = mixed_batch(seed=12)
+    scores = SARScorer(model, placeholder_ids=PLACEHOLDER, attention_backend="flex").score(prompts, completions)
+    tol = tolerance(model, prompts, completions)
+    assert_ppl_close(scores.ppl_cond, [naive_perplexity(model, p, c) for p, c in zip(prompts, completions)], tol)
+    assert_ppl_close(scores.ppl_uncond, [naive_perplexity(model, PLACEHOLDER, c) for c in completions], tol)
