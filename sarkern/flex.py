@@ -156,8 +156,9 @@ def softcap_score_mod(softcap: float, device: torch.device) -> Callable:
     return score_mod
 
 
+@functools.cache
 def flex_unavailable_reason(device: torch.device) -> str | None:
-    """Why compiled FlexAttention cannot run on ``device`` here (None when it can)."""
+    """Why compiled FlexAttention cannot run on ``device`` here (None when it can); checked once per device."""
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError as err:

@@ -209,7 +209,7 @@ def packed_layout(prefix: int, completions: list[int]) -> PackedLayout:
     return PackedLayout(tuple(segments), total_len=row, backend="flex")
 
 
-def test_compiled_kernel_serves_every_length_of_its_bucket():
+def test_compiled_kernel_serves_every_length_of_its_bucket(monkeypatch):
     """The real compiled kernel (Inductor's C++ FlexAttention on CPU, one static kernel per bucket): exact against the
     definition, a new layout of another length in a bucket already compiled runs without recompiling, and the scorer
     on it matches naive forwards."""
@@ -237,3 +237,8 @@ def test_compiled_kernel_serves_every_length_of_its_bucket():
     tol = tolerance(model, prompts, completions)
     assert_ppl_close(scores.ppl_cond, [naive_perplexity(model, p, c) for p, c in zip(prompts, completions)], tol)
     assert_ppl_close(scores.ppl_uncond, [naive_perplexity(model, PLACEHOLDER, c) for c in completions], tol)
+
+    # Past the cap on compiled variants, a new shape is refused rather than run uncompiled.
+    monkeypatch.setattr(flex, "MAX_COMPILED_VARIANTS", 1)
+    with pytest.raises(RuntimeError, match="refusing to fall back"):
+        run(packed_layout(9, [300]), window=None)  # 309 rows: bucket 384, not compiled yet
