@@ -8,10 +8,10 @@ Contenders (each returns per-completion ``(ppl_cond, ppl_uncond)``):
 * ``sarkern``: :class:`sarkern.SARScorer`: one packed, padding-free forward, each distinct prompt encoded once, one
   fused ``sequence_perplexity`` call, no logits tensor;
 * ``sarkern-uncond``: the scorer given the conditioned log-probs (the trainer's case): only the placeholder half runs;
-* ``sarkern-flex``, ``sarkern-sdpa`` (CUDA only): ``sarkern`` with its attention backend forced to compiled
-  FlexAttention (one call per layer over a block mask) or to the per-segment SDPA loop. ``sarkern`` itself uses
-  ``auto``: flash-attn when installed, else flex. On CPU they are not run: there flex needs a compilation per shape
-  bucket and is not the scorer's path.
+* ``sarkern-flex``, ``sarkern-sdpa``, ``sarkern-flash`` (CUDA only; flash also needs flash-attn installed):
+  ``sarkern`` with its attention backend forced to compiled FlexAttention (one call per layer over a block mask), to
+  the per-segment SDPA loop or to flash-attn varlen. ``sarkern`` itself uses ``auto``: flash-attn when installed,
+  else flex. On CPU they are not run: there flex needs a compilation per shape bucket and is not the scorer's path.
 
 Run ``python benchmarks/bench_scorer.py`` for a table of times and peak memory as ratios to ``paper`` (written to
 ``benchmarks/results/scorer_<device>.json``), or ``pytest benchmarks/test_bench_scorer.py --benchmark-only`` for the
@@ -147,7 +147,7 @@ def make_contender(
         return run
     from sarkern.scorer import SARScorer
 
-    backend = {"sarkern-flex": "flex", "sarkern-sdpa": "sdpa"}.get(name, "auto")
+    backend = {"sarkern-flex": "flex", "sarkern-sdpa": "sdpa", "sarkern-flash": "flash"}.get(name, "auto")
     scorer = SARScorer(model, placeholder_ids=placeholder, attention_backend=backend)
     if name in ("sarkern", *ATTENTION_CONTENDERS):
 
@@ -169,8 +169,26 @@ def make_contender(
 
 
 # The scorer with a forced attention backend: compared on CUDA only (see the module docstring).
-ATTENTION_CONTENDERS = ("sarkern-flex", "sarkern-sdpa")
-CONTENDERS = ("paper", "sarkern", "sarkern-uncond", *(ATTENTION_CONTENDERS if CUDA else ()))
+ATTENTION_CONTENDERS = ("sarkern-flex", "sarkern-sdpa", "sarkern-flash")
+
+
+def attention_contender_skip_reason(name: str) -> str | None:
+    """Why a forced-backend contender does not run here (None: it runs)."""
+    from sarkern.attention import flash_attn_available
+
+    if not CUDA:
+        return "attention backends are compared on CUDA only (on CPU flex compiles per shape bucket; SDPA is the path)"
+    if name == "sarkern-flash" and not flash_attn_available():
+        return "flash-attn is not installed (pip install -e '.[flash]')"
+    return None
+
+
+CONTENDERS = (
+    "paper",
+    "sarkern",
+    "sarkern-uncond",
+    *(c for c in ATTENTION_CONTENDERS if attention_contender_skip_reason(c) is None),
+)
 
 
 # ----------------------------------------------------------------------------------------------------- memory

@@ -15,6 +15,7 @@ from bench_scorer import (
     CONTENDERS,
     CUDA,
     SHAPE,
+    attention_contender_skip_reason,
     build_model,
     make_batch,
     make_contender,
@@ -30,13 +31,14 @@ def setup():
     return model, *make_batch(SHAPE)
 
 
-CUDA_ONLY = pytest.mark.skipif(
-    not CUDA,
-    reason="attention backends are compared on CUDA only (no GPU here; on CPU flex compiles per shape bucket and the "
-    "scorer uses SDPA)",
-)
 ALL_CONTENDERS = [c for c in CONTENDERS if c not in ATTENTION_CONTENDERS] + [
-    pytest.param(c, marks=CUDA_ONLY) for c in ATTENTION_CONTENDERS
+    pytest.param(
+        c,
+        marks=pytest.mark.skipif(
+            attention_contender_skip_reason(c) is not None, reason=str(attention_contender_skip_reason(c))
+        ),
+    )
+    for c in ATTENTION_CONTENDERS
 ]
 
 
