@@ -7,7 +7,11 @@ Contenders (each returns per-completion ``(ppl_cond, ppl_uncond)``):
   ``log_softmax`` and ``gather`` over the completion positions and a masked mean;
 * ``sarkern``: :class:`sarkern.SARScorer`: one packed, padding-free forward, each distinct prompt encoded once, one
   fused ``sequence_perplexity`` call, no logits tensor;
-* ``sarkern-uncond``: the scorer given the conditioned log-probs (the trainer's case): only the placeholder half runs.
+* ``sarkern-uncond``: the scorer given the conditioned log-probs (the trainer's case): only the placeholder half runs;
+* ``sarkern-flex``, ``sarkern-sdpa``, ``sarkern-flash`` (CUDA only; flash also needs flash-attn installed):
+  ``sarkern`` with its attention backend forced to compiled FlexAttention (one call per layer over a block mask), to
+  the per-segment SDPA loop or to flash-attn varlen. ``sarkern`` itself uses ``auto``: flash-attn when installed,
+  else flex. On CPU they are not run: there flex needs a compilation per shape bucket and is not the scorer's path.
 
 Run ``python benchmarks/bench_scorer.py`` for a table of times and peak memory as ratios to ``paper`` (written to
 ``benchmarks/results/scorer_<device>.json``), or ``pytest benchmarks/test_bench_scorer.py --benchmark-only`` for the
@@ -143,8 +147,9 @@ def make_contender(
         return run
     from sarkern.scorer import SARScorer
 
-    scorer = SARScorer(model, placeholder_ids=placeholder)
-    if name == "sarkern":
+    backend = {"sarkern-flex": "flex", "sarkern-sdpa": "sdpa", "sarkern-flash": "flash"}.get(name, "auto")
+    scorer = SARScorer(model, placeholder_ids=placeholder, attention_backend=backend)
+    if name in ("sarkern", *ATTENTION_CONTENDERS):
 
         def run():
             scores = scorer.score(prompts, completions)
@@ -163,7 +168,27 @@ def make_contender(
     raise ValueError(f"unknown contender {name!r}")
 
 
-CONTENDERS = ("paper", "sarkern", "sarkern-uncond")
+# The scorer with a forced attention backend: compared on CUDA only (see the module docstring).
+ATTENTION_CONTENDERS = ("sarkern-flex", "sarkern-sdpa", "sarkern-flash")
+
+
+def attention_contender_skip_reason(name: str) -> str | None:
+    """Why a forced-backend contender does not run here (None: it runs)."""
+    from sarkern.attention import flash_attn_available
+
+    if not CUDA:
+        return "attention backends are compared on CUDA only (on CPU flex compiles per shape bucket; SDPA is the path)"
+    if name == "sarkern-flash" and not flash_attn_available():
+        return "flash-attn is not installed (pip install -e '.[flash]')"
+    return None
+
+
+CONTENDERS = (
+    "paper",
+    "sarkern",
+    "sarkern-uncond",
+    *(c for c in ATTENTION_CONTENDERS if attention_contender_skip_reason(c) is None),
+)
 
 
 # ----------------------------------------------------------------------------------------------------- memory
@@ -211,11 +236,15 @@ def time_contender(fn: Callable[[], object], rounds: int) -> list[float]:
 
 
 def check_agreement(results: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Largest relative difference between sarkern's and the paper's perplexities (both halves)."""
+    """Largest relative difference between the scorer's perplexities (every backend run) and the paper's."""
     paper_c, paper_u = results["paper"]
-    ours_c, ours_u = results["sarkern"]
-    rel = torch.cat([(ours_c.cpu() / paper_c.cpu() - 1).abs(), (ours_u.cpu() / paper_u.cpu() - 1).abs()])
-    return float(rel.max())
+    worst = 0.0
+    for name in ("sarkern", *ATTENTION_CONTENDERS):
+        if name in results:
+            ours_c, ours_u = results[name]
+            rel = torch.cat([(ours_c.cpu() / paper_c.cpu() - 1).abs(), (ours_u.cpu() / paper_u.cpu() - 1).abs()])
+            worst = max(worst, float(rel.max()))
+    return worst
 
 
 def main(argv: list[str] | None = None) -> None:

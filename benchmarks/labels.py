@@ -45,6 +45,20 @@ CONTENDERS: dict[str, tuple[str, str]] = {
         "sarkern, conditioned half reused",
         "`SARScorer` given the trainer's conditioned log-probs: only the placeholder half runs",
     ),
+    "sarkern-flex": (
+        "sarkern, FlexAttention",
+        "`SARScorer(attention_backend='flex')`: one compiled FlexAttention call per layer over the packed row's "
+        "block mask",
+    ),
+    "sarkern-sdpa": (
+        "sarkern, per-segment SDPA",
+        "`SARScorer(attention_backend='sdpa')`: one SDPA call per segment and layer (the CPU path)",
+    ),
+    "sarkern-flash": (
+        "sarkern, flash-attn varlen",
+        "`SARScorer(attention_backend='flash')`: one flash-attn varlen call per layer, prefix keys gathered per "
+        "completion",
+    ),
     "grpo_without_sar": (
         "GRPO without SAR",
         "the same `SARGRPOTrainer` step with correctness as the only reward (no scoring pass)",

@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from bench_scorer import (
+    ATTENTION_CONTENDERS,
     CONTENDERS,
     CUDA,
     SHAPE,
+    attention_contender_skip_reason,
     build_model,
     make_batch,
     make_contender,
@@ -29,7 +31,18 @@ def setup():
     return model, *make_batch(SHAPE)
 
 
-@pytest.mark.parametrize("contender", CONTENDERS)
+ALL_CONTENDERS = [c for c in CONTENDERS if c not in ATTENTION_CONTENDERS] + [
+    pytest.param(
+        c,
+        marks=pytest.mark.skipif(
+            attention_contender_skip_reason(c) is not None, reason=str(attention_contender_skip_reason(c))
+        ),
+    )
+    for c in ATTENTION_CONTENDERS
+]
+
+
+@pytest.mark.parametrize("contender", ALL_CONTENDERS)
 def test_sar_scoring(benchmark, record_memory, setup, contender):
     model, prompts, completions, placeholder = setup
     benchmark.group = f"sar-scoring {SHAPE.name} ({SHAPE.batch} completions)"
@@ -47,6 +60,6 @@ def test_sar_scoring(benchmark, record_memory, setup, contender):
     if paper is not None:
         benchmark.extra_info["time_ratio_vs_paper"] = round(benchmark.stats.stats.median / paper["median_s"], 3)
         benchmark.extra_info["memory_ratio_vs_paper"] = round(peak / max(1, paper["peak"]), 3)
-        if contender == "sarkern":  # the same numbers, or the comparison means nothing
+        if contender in ("sarkern", *ATTENTION_CONTENDERS):  # the same numbers, or the comparison means nothing
             for ours, theirs in zip(outputs, paper["outputs"]):
                 torch.testing.assert_close(ours.cpu().double(), theirs.cpu().double(), rtol=1e-4, atol=0)

@@ -23,12 +23,21 @@ Backends:
   each segment are gathered (the prefix is repeated once per completion in the key buffer, which costs
   ``prefix_len * num_completions`` rows of K and V, not a quadratic mask). flash-attn aligns the causal mask
   bottom-right when queries are fewer than keys, which is the rule above.
-* ``"sdpa"`` (everywhere): one ``scaled_dot_product_attention`` call per segment (and per query chunk for long ones)
-  with a boolean mask of at most ``chunk_rows x visible_keys`` elements (bounded by ``max_mask_elements``), never
-  ``[T, T]``.
+* ``"flex"`` (CUDA by default; CPU when asked, with a C++ compiler): one compiled ``flex_attention`` call per layer
+  over the packed row, with a block mask built once per pass from the layout (:meth:`PackedLayout.flex_block_mask`).
+  Each query row sees at most two key intervals (its prefix's rows, then its own segment's rows up to itself, both
+  narrowed by the window), so the mask is a per-row interval test and its block structure is counted exactly from
+  the intervals in ``O(T + (T / block)^2)``. The prefix's keys and values are read in place, once per query block
+  that needs them, never copied per completion. The row is padded to a multiple of the block size (its shape bucket;
+  padding rows see nothing); compilation is handled in :mod:`sarkern.flex` (one dynamic-length kernel on CUDA, one
+  static kernel per bucket on CPU). Attention soft-capping (Gemma 2's ``softcap``) is a ``score_mod``.
+* ``"sdpa"`` (everywhere, CPU's default): one ``scaled_dot_product_attention`` call per segment (and per query chunk
+  for long ones) with a boolean mask of at most ``chunk_rows x visible_keys`` elements (bounded by
+  ``max_mask_elements``), never ``[T, T]``.
 
-FlexAttention is not used: on CPU it needs ``torch.compile`` with a C++ toolchain (and minutes of compilation for each
-new shape set), and its eager fallback materialises the full score matrix. The SDPA path is exact and bounded instead.
+``"auto"`` picks flash on CUDA with fp16/bf16 weights when flash-attn is installed, else flex on CUDA when Triton (the
+compiler FlexAttention needs there) is available, else sdpa. FlexAttention is not CPU's default: there it needs a C++
+toolchain and a compilation per new kernel, while the SDPA path is exact, bounded and immediate.
 """
 
 from __future__ import annotations
@@ -40,7 +49,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from . import flex
+
 __all__ = [
+    "ATTENTION_BACKENDS",
     "ATTENTION_NAME",
     "LAYOUT_KWARG",
     "AttentionSegment",
@@ -53,7 +65,8 @@ __all__ = [
 ATTENTION_NAME = "sarkern_shared_prefix"
 LAYOUT_KWARG = "sarkern_layout"
 
-AttentionBackend = Literal["auto", "flash", "sdpa"]
+AttentionBackend = Literal["auto", "flash", "flex", "sdpa"]
+ATTENTION_BACKENDS = ("auto", "flash", "flex", "sdpa")
 
 # Devices whose fused SDPA kernel takes a boolean mask together with grouped (fewer) K/V heads.
 _NATIVE_GQA_DEVICES = ("cpu",)
@@ -78,7 +91,8 @@ class PackedLayout:
     """How the rows of one packed forward attend to each other.
 
     ``segments`` must tile the packed rows ``[0, total_len)`` in order with their query blocks (segments with no
-    queries are allowed and skipped). Device-side metadata for the flash backend is built lazily and cached.
+    queries are allowed and skipped). Device-side metadata for the flash backend and the flex backend's block masks
+    (one per sliding window) are built lazily, once per layout (the scorer makes one layout per pass), and cached.
     """
 
     segments: tuple[AttentionSegment, ...]
@@ -88,6 +102,7 @@ class PackedLayout:
     _flash_meta: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]] = field(
         default_factory=dict, repr=False
     )
+    _flex_masks: dict[tuple[torch.device, int | None], Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         row = 0
@@ -99,8 +114,8 @@ class PackedLayout:
             row += seg.query_len
         if row != self.total_len:
             raise ValueError(f"segments cover {row} rows, the packed sequence has {self.total_len}")
-        if self.backend not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"unknown attention backend {self.backend!r}; use 'auto', 'flash' or 'sdpa'")
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.backend!r}; use one of {', '.join(ATTENTION_BACKENDS)}")
 
     def flash_metadata(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """(key_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for ``flash_attn_varlen_func``."""
@@ -125,6 +140,14 @@ class PackedLayout:
             )
         return self._flash_meta[device]
 
+    def flex_block_mask(self, device: torch.device, sliding_window: int | None) -> Any:
+        """The FlexAttention ``BlockMask`` of this layout (padded to :func:`sarkern.flex.bucket_length`) for layers
+        with this sliding window (None: full attention)."""
+        key = (device, sliding_window)
+        if key not in self._flex_masks:
+            self._flex_masks[key] = flex.build_block_mask(self.segments, self.total_len, sliding_window, device)
+        return self._flex_masks[key]
+
 
 def flash_attn_available() -> bool:
     """True when the ``flash_attn`` package is importable and CUDA is available."""
@@ -140,8 +163,16 @@ def _choose_backend(layout: PackedLayout, query: torch.Tensor) -> str:
                 f"got device={query.device}, dtype={query.dtype}"
             )
         return "flash"
-    if layout.backend == "auto" and flash_ok:
-        return "flash"
+    if layout.backend == "flex":
+        reason = flex.flex_unavailable_reason(query.device)
+        if reason is not None:
+            raise RuntimeError(f"attention backend 'flex' cannot run: {reason}; use attention_backend='sdpa'")
+        return "flex"
+    if layout.backend == "auto":
+        if flash_ok:
+            return "flash"
+        if query.is_cuda and flex.flex_unavailable_reason(query.device) is None:
+            return "flex"
     return "sdpa"
 
 
@@ -249,7 +280,8 @@ def shared_prefix_attention(
 
     ``query [1, H, T, D]``, ``key``/``value [1, H_kv, T, D]`` (after RoPE); the layout comes in
     ``kwargs[LAYOUT_KWARG]``. Returns ``(output [1, T, H, D], None)``. Anything it cannot compute exactly (a mask
-    passed in, dropout, soft-capped scores, attention sinks, non-causal layers) raises instead of being ignored.
+    passed in, dropout, attention sinks, non-causal layers, soft-capped scores outside the flex backend) raises
+    instead of being ignored.
     """
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is None:
@@ -268,7 +300,7 @@ def shared_prefix_attention(
         )
     if not getattr(module, "is_causal", True):
         raise NotImplementedError(f"{name} is not a causal attention layer; SAR scoring needs causal attention")
-    for unsupported in ("softcap", "s_aux", "sinks"):
+    for unsupported in ("s_aux", "sinks"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(
                 f"{name} uses `{unsupported}`, which the shared-prefix attention does not support"
@@ -280,7 +312,18 @@ def shared_prefix_attention(
         )
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"{name}: sliding_window must be positive, got {sliding_window}")
-    if _choose_backend(layout, query) == "flash":
+    softcap = kwargs.get("softcap")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be positive, got {softcap}")
+    backend = _choose_backend(layout, query)
+    if backend == "flex":
+        block_mask = layout.flex_block_mask(query.device, sliding_window)
+        return flex.flex_forward(block_mask, query, key, value, scaling, softcap), None
+    if softcap is not None:
+        raise NotImplementedError(
+            f"{name} soft-caps its attention scores (softcap={softcap}); only attention_backend='flex' applies that"
+        )
+    if backend == "flash":
         return _flash_forward(layout, query, key, value, scaling, sliding_window), None
     return _sdpa_forward(layout, query, key, value, scaling, sliding_window), None
 

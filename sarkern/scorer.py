@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .attention import (
+    ATTENTION_BACKENDS,
     LAYOUT_KWARG,
     AttentionBackend,
     AttentionSegment,
@@ -171,8 +172,9 @@ class SARScorer:
             ``use_comparison=False`` skips the unconditioned half entirely.
         empty_completions: ``"nan"`` (default): an empty completion gets NaN reward and perplexities, 0 tokens and
             ``valid=False`` (TRL treats a NaN reward as "not applicable"); ``"raise"``: ``ValueError``.
-        attention_backend: ``"auto"`` (flash-attn varlen on CUDA with fp16/bf16 when installed, else SDPA),
-            ``"flash"`` or ``"sdpa"``.
+        attention_backend: ``"auto"`` (on CUDA: flash-attn varlen with fp16/bf16 when installed, else compiled
+            FlexAttention; elsewhere per-segment SDPA), ``"flash"``, ``"flex"`` or ``"sdpa"`` (see
+            :mod:`sarkern.attention`).
         chat_template_kwargs: passed to the tokenizer's chat template when building the placeholder.
         placeholder: the placeholder preset when ``placeholder_ids`` is not given: ``"template"`` (the chat template
             with an empty user turn) or ``"paper"`` (the official code's fixed system prompt, an empty user turn).
@@ -225,8 +227,10 @@ class SARScorer:
             raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens_per_pass!r}")
         if empty_completions not in ("nan", "raise"):
             raise ValueError(f"empty_completions must be 'nan' or 'raise', got {empty_completions!r}")
-        if attention_backend not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"attention_backend must be 'auto', 'flash' or 'sdpa', got {attention_backend!r}")
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention_backend!r}"
+            )
 
         self.model = model
         self.tokenizer = tokenizer

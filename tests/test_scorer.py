@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_reference import assert_attention_close
 from scorer_models import (
     ARCHITECTURES,
-    FP32_UNIT_ROUNDOFF,
     MAX_POSITIONS,
     MODEL_VOCAB,
     chat_tokenizer,
@@ -360,42 +360,6 @@ def test_refuses_logit_and_rope_changes(overrides, message):
 
 
 # -------------------------------------------------------------------------------------------- attention function
-
-
-def dense_reference(query, key, value, layout, scaling, window):
-    """Segment by segment with explicit positions and a dense mask per segment: the definition, in float64."""
-    query, key, value = query.double(), key.double(), value.double()
-    out = torch.zeros_like(query)
-    rep = query.shape[1] // key.shape[1]
-    k_all, v_all = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    for seg in layout.segments:
-        rows = list(range(seg.prefix_start, seg.prefix_start + seg.prefix_len)) + list(
-            range(seg.query_start, seg.query_start + seg.query_len)
-        )
-        q = query[:, :, seg.query_start : seg.query_start + seg.query_len]
-        scores = (q @ k_all[:, :, rows].transpose(-1, -2)) * scaling
-        q_pos = torch.arange(seg.prefix_len, seg.prefix_len + seg.query_len).unsqueeze(1)
-        k_pos = torch.arange(len(rows)).unsqueeze(0)
-        allowed = (k_pos <= q_pos) & ((q_pos - k_pos < window) if window else True)
-        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-        out[:, :, seg.query_start : seg.query_start + seg.query_len] = weights @ v_all[:, :, rows]
-    return out.transpose(1, 2)
-
-
-def assert_attention_close(out, query, key, value, layout, scaling, window):
-    """fp32 attention against the float64 definition, within a first-order bound of fp32 rounding (u = 2^-24): a
-    score summed over d products is off by at most (d + 1) u scaling sum|q_i k_i|; softmax weights then move by at
-    most twice the largest score error (relatively) plus (n + 2) u for the exp and the sum over n keys; the output,
-    a weighted sum of n values, adds n u; all relative to max|v|."""
-    u = FP32_UNIT_ROUNDOFF
-    d = query.shape[-1]
-    n = max(seg.prefix_len + seg.query_len for seg in layout.segments)
-    rep = query.shape[1] // key.shape[1]
-    abs_scores = query.abs().double() @ key.abs().double().repeat_interleave(rep, 1).transpose(-1, -2)
-    score_error = (d + 1) * u * scaling * abs_scores.max().item()
-    tol = (2 * score_error + (2 * n + 2) * u) * value.abs().max().item()
-    expected = dense_reference(query, key, value, layout, scaling, window)
-    torch.testing.assert_close(out.double(), expected, rtol=0.0, atol=tol)
 
 
 @pytest.mark.parametrize("expand_kv", [False, True], ids=["native-gqa", "expanded-kv"])
