@@ -391,6 +391,16 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
     return output_dir
 
 
+def _end_process_group() -> None:
+    """Tear down the distributed group (under `accelerate launch`) before the interpreter exits: a gloo group left
+    to the exit handlers can abort a process that has finished ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """`sarkern train ...`: 0 on success; on failure one line `sarkern train: error: ...` and a non-zero status
     (the traceback only with --debug); 130 after Ctrl-C, with a line saying where a rerun resumes."""
@@ -402,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(argv)
         debug = options.debug  # also when a config file sets it
         run_train(options)
+        _end_process_group()
     except SetupError as err:
         if debug:
             raise

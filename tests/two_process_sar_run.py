@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sarkern.cli import build_trainer, parse_options
+from sarkern.cli import _end_process_group, build_trainer, parse_options
 
 out = Path(sys.argv[1])
 quick = ["--max-completion-length", "24", "--prompts-per-step", "2", "--num-generations", "4", "--num-problems", "32"]
@@ -28,3 +28,4 @@ trainer._log_sar_metrics = recorded
 trainer.train()
 rank = trainer.accelerator.process_index
 (out / f"rank{rank}.json").write_text(json.dumps({**local, "log_history": trainer.state.log_history}))
+_end_process_group()  # as `sarkern train` does: an exit-time teardown of the gloo group can abort the process
