@@ -40,3 +40,16 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     else:
         atol, rtol = 2e-2 * scale, 2e-2
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def fp32_logprob_atol(abs_terms: torch.Tensor, n_terms: int, temperature: float) -> float:
+    """Absolute bound on an fp32 log-prob (or entropy) against float64 on the same inputs, never below DESIGN.md's
+    1e-5. Each logit is a sum of `n_terms` products (0: the logits are given) whose absolute values add up to at most
+    `abs_terms.max()` (for given logits, |logit|); first-order rounding puts it within (n_terms + 2) u of that scale
+    after the division by the temperature (u = 2^-24), and a log-prob `(x_t - max) - log s` moves by at most twice
+    the largest logit error."""
+    scale = abs_terms.abs().max().item() if abs_terms.numel() else 0.0
+    return max(1e-5, 2 * (n_terms + 2) * FP32_UNIT_ROUNDOFF * scale / temperature)
