@@ -170,13 +170,13 @@ def flex_unavailable_reason(device: torch.device) -> str | None:
 
         return None if has_triton() else "torch.compile needs Triton for CUDA tensors and Triton is not installed"
     if device.type == "cpu":
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            get_cpp_compiler()
-        except Exception as err:  # the lookup raises various errors when no compiler is found
-            return f"torch.compile needs a C++ compiler for CPU tensors and none was found ({err})"
-        return None
+        # Inductor's C++ FlexAttention template is not trusted for scoring: in torch 2.13 it miscompiles dynamic
+        # shapes, and with AVX2 code generation (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine) its output was
+        # off by O(1) in this project's tests. The per-segment SDPA path is exact on CPU.
+        return (
+            "compiled FlexAttention on CPU tensors (Inductor's C++ template) gave wrong outputs in sarkern's tests "
+            "with AVX2 code generation; the flex backend runs on CUDA only"
+        )
     return f"FlexAttention is not supported on {device.type} tensors"
 
 
