@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -27,6 +29,48 @@ def dot_upcast(dtype: torch.dtype) -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands get IEEE products: tf32 would break the 1e-5 tolerance of DESIGN.md section 5."""
     return "ieee" if dtype == torch.float32 or dot_upcast(dtype) else "tf32"
+
+
+# Natural log <-> log2: the kernels work in log2 units (x * log2(e)) so that every exponential is a bare exp2.
+# Globals a compiled kernel reads must be constexpr (Triton's interpreter accepts plain floats and hides that);
+# launchers use `.value`.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+def arch_family(device: torch.device) -> int:
+    """Compute capability as 80, 90, ... for a CUDA device; 0 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A launch configuration: tile sizes (constexprs) and Triton's warps and pipeline stages."""
+
+    block_n: int
+    block_v: int
+    block_d: int = 0
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One configuration a launcher can choose, as the ahead-of-time compile check builds it (see compile_report):
+    `pointers` maps pointer arguments to element types (others are fp32), `floats` names the fp32 scalars (other
+    scalars are i32), and `gemm_dtype` is the operand type of the kernel's `tl.dot` loop, if it has one."""
+
+    name: str
+    kernel: Any
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    pointers: dict = field(default_factory=dict)
+    floats: tuple = ()
+    gemm_dtype: str | None = None
 
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

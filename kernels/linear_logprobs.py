@@ -1,26 +1,74 @@
-"""Log-probs of target tokens from hidden states and the LM-head weight, never writing `[N, V]` logits.
+"""Log-probs of target tokens from hidden states and the LM-head weight, never writing `[N, V]` logits: the forward.
 
-Forward, two kernels:
-1. `_partial_kernel`: a grid of (token blocks) x (vocabulary splits). Each program computes logit tiles
-   `[BLOCK_N, BLOCK_V] = hidden @ weight.T` with fp32 accumulation over D, for the vocabulary tiles of its split,
-   and folds them into an online log-sum-exp: running max `m`, `s = sum exp(x - m)`, `t = sum exp(x - m)(x - m)`,
-   and the target's logit taken from the same accumulator. Splitting the vocabulary keeps every SM busy when the
-   number of tokens is small; each split writes four fp32 values per token.
-2. `_combine_kernel`: merges the splits of each token into `lse`, the log-prob and the entropy, and, for
-   `sequence_perplexity`, adds each log-prob and a count of one into its segment's slot.
+Two kernels:
+1. `_partial_kernel`: one program per (token block, vocabulary split). It computes logit tiles
+   `[BLOCK_N, BLOCK_V] = hidden @ weight.T` with fp32 accumulation over D for the vocabulary tiles of its split,
+   and folds them into an online log-sum-exp in log2 units (`x = logit / T * log2(e)`, so every exponential is a
+   bare exp2): running max `m`, `s = sum 2^(x - m)`, `t = sum 2^(x - m)(x - m)`, and the target's logit taken from
+   the same accumulator by an int32 compare against the tile's own column numbers. Each split writes four fp32
+   values per token.
+2. `_combine_kernel`: merges the splits of each token into `lse`, the log-prob and the entropy (natural units), and,
+   for `sequence_perplexity`, adds each log-prob and a count of one into its segment's slot.
 
-Backward: `_grad_logits_kernel` recomputes one `[tokens, vocab]` chunk of logits tile by tile and writes
-`d loss / d logits` for that chunk only; the caller turns each chunk into the gradients of hidden, weight and
-bias with two GEMMs, so memory stays bounded by the chunk.
+Program order (why the split is the fastest grid axis): a program re-reads its `[BLOCK_N, D]` hidden block for every
+vocabulary tile. With the token block fastest, the ~130 programs resident on an H100 each hold a different hidden
+block (~130 MiB at D = 4096, bf16), far more than the 50 MB L2, so hidden rows come from HBM again and again. With
+the split fastest and about sqrt(resident programs) splits, the resident programs cover ~11 token blocks x ~12
+splits: ~11 MiB of hidden rows and ~12 weight tiles at a time, which stay in L2.
+
+The backward is in `linear_logprobs_grad.py`; the logit tile both share is `_logits_tile` here.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dot_upcast, interpreting, soft_cap, soft_cap_slope
+from ._common import (
+    LN2,
+    LOG2E,
+    Blocks,
+    KernelSpec,
+    arch_family,
+    dot_precision,
+    dot_upcast,
+    interpreting,
+    soft_cap,
+)
+
+# Forward tiles per architecture family and operand width, chosen from the ahead-of-time compile report
+# (benchmarks/results/kernels-static.md): the largest tiles that compile without register spills.
+# 16-bit: a [128, 128] fp32 accumulator over two warpgroups (wgmma m64n128k16 on sm_90; mma.sync on sm_80), one
+# program per SM (~250 registers x 256 threads). fp32 operands take IEEE FMA (no tensor cores; tf32 would break
+# DESIGN.md's 1e-5), in smaller tiles; sm_80's FMA layout needs 16-wide K steps to stay within 255 registers.
+FORWARD_BLOCKS = {
+    (90, 16): Blocks(128, 128, 64, num_warps=8, num_stages=3),
+    (80, 16): Blocks(128, 128, 32, num_warps=8, num_stages=4),
+    (90, 32): Blocks(64, 64, 32, num_warps=4, num_stages=3),
+    (80, 32): Blocks(64, 64, 16, num_warps=4, num_stages=3),
+}
+# Soft-capping adds a tanh (exp, divide) per logit to the epilogue: with 16-bit operands the [128, 128] tile then
+# spills on sm_90a, so capped logits take half as many rows per tile.
+SOFTCAP_BLOCKS_16 = Blocks(64, 128, 64, num_warps=8, num_stages=3)
+# A candidate a GPU run may time against the default (compiled and reported too): a 64-wide vocabulary tile with one
+# warpgroup, so that two programs share an SM and one's softmax epilogue overlaps the other's loads. (A fourth
+# pipeline stage for the default tile spills on both architectures.)
+FORWARD_CANDIDATES_16 = (Blocks(128, 64, 64, num_warps=4, num_stages=4),)
+INTERPRETER_BLOCKS = Blocks(16, 32, 16, num_warps=1, num_stages=1)
+COMBINE_BLOCK = 128
+
+
+def forward_blocks(dtype: torch.dtype, arch: int, softcap: bool = False) -> Blocks:
+    """The forward's tiles for operands of `dtype` on compute capability `arch` (90 for sm_90, 0 interpreted)."""
+    if arch == 0:
+        return INTERPRETER_BLOCKS
+    width = 32 if dtype == torch.float32 else 16
+    if softcap and width == 16:
+        return SOFTCAP_BLOCKS_16
+    return FORWARD_BLOCKS[(90 if arch >= 90 else 80, width)]
 
 
 @triton.jit
@@ -35,7 +83,7 @@ def _logits_tile(
     dim,
     stride_hn,
     stride_wv,
-    inv_temperature,
+    logit_scale,
     softcap,
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -45,8 +93,8 @@ def _logits_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """fp32 `(hidden[rows] @ weight[cols].T + bias[cols]) / T`, soft-capped before the division with SOFTCAP, and
-    -inf in the columns past the vocabulary."""
+    """fp32 `(hidden[rows] @ weight[cols].T + bias[cols]) * logit_scale`, soft-capped before the scaling with SOFTCAP,
+    and -inf in the columns past the vocabulary. `rows` and `cols` are int64, so addresses never wrap."""
     row_mask = rows < n_tokens
     col_mask = cols < vocab
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
@@ -67,7 +115,7 @@ def _logits_tile(
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         acc = soft_cap(acc, softcap)
-    return tl.where(col_mask[None, :], acc * inv_temperature, float("-inf"))
+    return tl.where(col_mask[None, :], acc * logit_scale, float("-inf"))
 
 
 @triton.jit
@@ -85,8 +133,9 @@ def _partial_kernel(
     dim,
     stride_hn,
     stride_wv,
-    inv_temperature,
+    logit_scale,
     softcap,
+    num_splits,
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -97,31 +146,35 @@ def _partial_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    split = pid % num_splits  # fastest: the programs resident together share their hidden blocks (module docstring)
+    rows = (pid // num_splits).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_tokens
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, vocab)
+    # The target as an int32 column of this split (-1: not in it), compared with each tile's int32 column numbers.
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    in_split = (targets >= v_begin) & (targets < v_end)
+    target_col = tl.where(in_split, targets - v_begin, -1).to(tl.int32)
+    tile_cols = tl.arange(0, BLOCK_V)
 
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     target_x = tl.zeros((BLOCK_N,), tl.float32)
-    v_begin = split.to(tl.int64) * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, vocab)
     for v_start in range(v_begin, v_end, BLOCK_V):
-        cols = v_start + tl.arange(0, BLOCK_V)
         x = _logits_tile(
             hidden_ptr,
             weight_ptr,
             bias_ptr,
             rows,
-            cols,
+            (v_start + tile_cols).to(tl.int64),
             n_tokens,
             vocab,
             dim,
             stride_hn,
             stride_wv,
-            inv_temperature,
+            logit_scale,
             softcap,
             HAS_BIAS,
             SOFTCAP,
@@ -131,16 +184,16 @@ def _partial_kernel(
             BLOCK_V,
             BLOCK_D,
         )
+        target_x += tl.sum(tl.where(tile_cols[None, :] == (target_col - (v_start - v_begin))[:, None], x, 0.0), 1)
         m_new = tl.maximum(m, tl.max(x, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale = tl.exp(m - shift)
-        e = tl.exp(x - shift[:, None])
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: shift by 0, never NaN
+        scale = tl.exp2(m - shift)
+        e = tl.exp2(x - shift[:, None])
         if RETURN_ENTROPY:
             t = scale * (t + tl.where(s > 0, s * (m - shift), 0.0))
             t += tl.sum(tl.where(e > 0, e * (x - shift[:, None]), 0.0), 1)
         s = s * scale + tl.sum(e, 1)
         m = m_new
-        target_x += tl.sum(tl.where(cols[None, :] == targets[:, None], x, 0.0), 1)
 
     out = split.to(tl.int64) * n_tokens + rows
     tl.store(part_max_ptr + out, m, mask=row_mask)
@@ -184,22 +237,22 @@ def _combine_kernel(
 
     big_m = tl.max(m, 0)
     shift = tl.where(big_m == float("-inf"), 0.0, big_m)
-    weight = tl.where(s > 0, tl.exp(m - shift[None, :]), 0.0)
+    weight = tl.where(s > 0, tl.exp2(m - shift[None, :]), 0.0)
     total = tl.sum(s * weight, 0)
-    log_total = tl.log(total)
+    log_total = tl.log2(total)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = targets != ignore_index
     # (x - max) - log sum, not x - lse: lse is only as fine as the spacing of fp32 at the max logit.
-    logprobs = (target_x - shift) - log_total
+    logprobs = ((target_x - shift) - log_total) * LN2
     # A target id outside the vocabulary (possible when the caller skipped the id check) gives NaN, never a value.
     logprobs = tl.where(valid, tl.where((targets < 0) | (targets >= vocab), float("nan"), logprobs), 0.0)
-    tl.store(lse_ptr + rows, shift + log_total, mask=row_mask)
+    tl.store(lse_ptr + rows, (shift + log_total) * LN2, mask=row_mask)
     tl.store(logprobs_ptr + rows, logprobs, mask=row_mask)
     if RETURN_ENTROPY:
         t = tl.load(part_t_ptr + offsets, mask=mask, other=0.0)
         # Each split's t is relative to its own max; move it to the common shift before summing.
         t_total = tl.sum(tl.where(s > 0, (t + s * (m - shift[None, :])) * weight, 0.0), 0)
-        tl.store(entropy_ptr + rows, tl.where(valid, log_total - t_total / total, 0.0), mask=row_mask)
+        tl.store(entropy_ptr + rows, tl.where(valid, (log_total - t_total / total) * LN2, 0.0), mask=row_mask)
     if HAS_SEGMENTS:
         segments = tl.load(segment_ids_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
         # Ids past the last segment are dropped, never written out of bounds (callers may skip the id check).
@@ -208,97 +261,19 @@ def _combine_kernel(
         tl.atomic_add(segment_counts_ptr + segments, tl.where(counted, 1.0, 0.0), mask=counted)
 
 
-@triton.jit
-def _grad_logits_kernel(
-    grad_logits_ptr,
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    targets_ptr,
-    lse_ptr,
-    entropy_ptr,
-    grad_logprobs_ptr,
-    grad_entropy_ptr,
-    n_tokens,
-    vocab,
-    dim,
-    stride_hn,
-    stride_wv,
-    stride_gn,
-    col_offset,
-    inv_temperature,
-    softcap,
-    ignore_index,
-    HAS_BIAS: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_GRAD_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < n_tokens
-    x = _logits_tile(
-        hidden_ptr,
-        weight_ptr,
-        bias_ptr,
-        rows,
-        cols,
-        n_tokens,
-        vocab,
-        dim,
-        stride_hn,
-        stride_wv,
-        inv_temperature,
-        softcap,
-        HAS_BIAS,
-        SOFTCAP,
-        UPCAST,
-        PRECISION,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_D,
-    )
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-    valid = row_mask & (targets != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    g_logprob = tl.where(valid, tl.load(grad_logprobs_ptr + rows, mask=row_mask, other=0.0), 0.0)
-    log_p = x - lse[:, None]
-    p = tl.where(valid[:, None], tl.exp(log_p), 0.0)  # also keeps all--inf ignored rows from turning NaN
-    grad_x = g_logprob[:, None] * (tl.where(cols[None, :] + col_offset == targets[:, None], 1.0, 0.0) - p)
-    if HAS_GRAD_ENTROPY:
-        g_entropy = tl.where(valid, tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0), 0.0)
-        entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
-        grad_x -= g_entropy[:, None] * tl.where(p > 0, p * (log_p + entropy[:, None]), 0.0)
-    grad_x *= inv_temperature
-    if SOFTCAP:
-        grad_x *= soft_cap_slope(x / inv_temperature, softcap)
-    out = grad_logits_ptr + rows[:, None] * stride_gn + cols[None, :]
-    tl.store(
-        out,
-        grad_x.to(grad_logits_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & (cols[None, :] < vocab),
-    )
-
-
-def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages); tiny blocks keep the CPU interpreter quick."""
-    if interpreting():
-        return 16, 32, 16, 1, 1
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
-
-
-def _num_splits(n_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
-    """Enough vocabulary splits for about two waves of programs over the SMs, never more than the tiles."""
+def resident_programs(device: torch.device) -> int:
+    """Programs of the forward resident at once: one per SM (its 16-bit tile needs most of an SM's registers)."""
     if device.type != "cuda":
-        return min(2, n_vocab_tiles)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_vocab_tiles, triton.cdiv(2 * sms, n_blocks), 64))
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(n_blocks: int, n_vocab_tiles: int, resident: int) -> int:
+    """Vocabulary splits: about sqrt(resident) of them, so that the resident programs span as many token blocks as
+    splits (the smallest L2 working set, module docstring), and more when there are few token blocks, so that at
+    least two waves of programs cover the SMs; never more than the vocabulary tiles."""
+    group = math.isqrt(max(1, resident - 1)) + 1
+    return max(1, min(n_vocab_tiles, max(group, triton.cdiv(2 * resident, n_blocks)), 1024))
 
 
 def linear_logprobs_forward(
@@ -312,20 +287,21 @@ def linear_logprobs_forward(
     segment_ids: torch.Tensor | None = None,
     num_segments: int = 0,
     softcap: float = 0.0,
-    num_splits: int | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token fp32 (logprobs, entropy or empty, lse, segment_sums, segment_counts) for `hidden [N, D]`.
 
     `hidden` and `weight` must have a contiguous last dim. Tokens whose target is `ignore_index` get log-prob 0
-    and are left out of their segment. Segment sums and counts are empty unless `segment_ids` is given.
+    and are left out of their segment. Segment sums and counts are empty unless `segment_ids` is given. `softcap`
+    0 means none; `splits` overrides the number of vocabulary splits (tests).
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    block_n, block_v, block_d, num_warps, num_stages = _blocks(hidden.dtype)
-    n_blocks = max(1, triton.cdiv(n_tokens, block_n))
-    n_vocab_tiles = triton.cdiv(vocab, block_v)
-    splits = num_splits or _num_splits(n_blocks, n_vocab_tiles, device)
+    blocks = forward_blocks(hidden.dtype, 0 if interpreting() else arch_family(device), bool(softcap))
+    n_blocks = max(1, triton.cdiv(n_tokens, blocks.block_n))
+    n_vocab_tiles = triton.cdiv(vocab, blocks.block_v)
+    splits = splits or num_splits(n_blocks, n_vocab_tiles, resident_programs(device))
     splits = max(1, min(splits, n_vocab_tiles))
     tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
     splits = triton.cdiv(n_vocab_tiles, tiles_per_split)
@@ -341,7 +317,7 @@ def linear_logprobs_forward(
     if n_tokens == 0:
         return logprobs, entropy, lse, segment_sums, segment_counts
 
-    _partial_kernel[(n_blocks, splits)](
+    _partial_kernel[(n_blocks * splits,)](
         hidden,
         weight,
         bias if bias is not None else hidden,
@@ -355,21 +331,22 @@ def linear_logprobs_forward(
         dim,
         hidden.stride(0),
         weight.stride(0),
-        1.0 / temperature,
+        LOG2E.value / temperature,
         softcap or 1.0,
+        splits,
         tiles_per_split,
         HAS_BIAS=bias is not None,
         SOFTCAP=bool(softcap),
         RETURN_ENTROPY=return_entropy,
         UPCAST=dot_upcast(hidden.dtype),
         PRECISION=dot_precision(hidden.dtype),
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_D=blocks.block_d,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
-    combine_block = 16 if interpreting() else 128
+    combine_block = 16 if interpreting() else COMBINE_BLOCK
     _combine_kernel[(triton.cdiv(n_tokens, combine_block),)](
         partials[0],
         partials[1],
@@ -396,126 +373,55 @@ def linear_logprobs_forward(
     return logprobs, entropy, lse, segment_sums, segment_counts
 
 
-def linear_logprobs_grad_logits(
-    out: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    col_offset: int = 0,
-    softcap: float = 0.0,
-) -> torch.Tensor:
-    """Write (and return) `d loss / d logits` of the chunk `hidden [n, D]` x `weight [v, D]` into `out [n, v]`
-    (a view with a contiguous last dim). Per-token tensors are the chunk's slices; `weight` holds the vocabulary
-    rows from `col_offset` on, and `targets` are ids in the whole vocabulary."""
-    n_tokens, dim = hidden.shape
-    vocab = weight.shape[0]
-    block_n, block_v, block_d, num_warps, num_stages = _blocks(hidden.dtype)
-    has_grad_entropy = grad_entropy is not None
-    grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(vocab, block_v))
-    _grad_logits_kernel[grid](
-        out,
-        hidden,
-        weight,
-        bias if bias is not None else hidden,
-        targets,
-        lse,
-        entropy if has_grad_entropy else lse,
-        grad_logprobs,
-        grad_entropy if has_grad_entropy else grad_logprobs,
-        n_tokens,
-        vocab,
-        dim,
-        hidden.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        col_offset,
-        1.0 / temperature,
-        softcap or 1.0,
-        ignore_index,
-        HAS_BIAS=bias is not None,
-        SOFTCAP=bool(softcap),
-        HAS_GRAD_ENTROPY=has_grad_entropy,
-        UPCAST=dot_upcast(hidden.dtype),
-        PRECISION=dot_precision(hidden.dtype),
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    return out
+# ------------------------------------------------------------------------------------- ahead-of-time compile check
+
+_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-# Backward tiles: a [1024, 8192] bf16 tile of logit gradients is 16 MiB.
-BACKWARD_TILE = (1024, 8192)
-
-
-def linear_logprobs_backward(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    needs_hidden_grad: bool,
-    needs_weight_grad: bool,
-    needs_bias_grad: bool,
-    softcap: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of hidden, weight and bias (empty when not needed): each `[tokens, vocab]` tile of logit gradients,
-    written in the input dtype by `_grad_logits_kernel` into one reused buffer, feeds two tensor-core GEMMs. The
-    weight gradient accumulates in its own dtype across token chunks (an fp32 [V, D] buffer would exceed the memory
-    budget of DESIGN.md section 4)."""
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    token_chunk = max(1, min(BACKWARD_TILE[0], n_tokens))
-    vocab_chunk = max(1, min(BACKWARD_TILE[1], vocab))
-    grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else hidden.new_empty(0)
-    grad_weight = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if needs_bias_grad else None
-    # Every tile is written into one reused buffer, viewed contiguously at that tile's shape (edge tiles are smaller).
-    tile_buffer = torch.empty(token_chunk * vocab_chunk, dtype=hidden.dtype, device=hidden.device)
-    grad_logprobs = grad_logprobs.float().contiguous()
-    grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
-    for n0 in range(0, n_tokens, token_chunk):
-        n1 = min(n0 + token_chunk, n_tokens)
-        h = hidden[n0:n1]
-        hidden_acc = torch.zeros((n1 - n0, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-        for v0 in range(0, vocab, vocab_chunk):
-            v1 = min(v0 + vocab_chunk, vocab)
-            w = weight[v0:v1]
-            grad_tile = linear_logprobs_grad_logits(
-                tile_buffer[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0),
-                h,
-                w,
-                bias[v0:v1] if bias is not None else None,
-                targets[n0:n1],
-                lse[n0:n1],
-                entropy[n0:n1] if entropy is not None else None,
-                grad_logprobs[n0:n1],
-                grad_entropy[n0:n1] if grad_entropy is not None else None,
-                temperature,
-                ignore_index,
-                col_offset=v0,
-                softcap=softcap,
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Every forward configuration the launcher can choose on `arch`: per operand dtype, the plain tiles with and
+    without entropy and bias, the soft-capped tiles with everything on, and the 16-bit candidates."""
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        name = _TL_NAMES[dtype]
+        variants = [
+            ("plain", forward_blocks(dtype, arch), False, False),
+            ("entropy+bias", forward_blocks(dtype, arch), True, False),
+            ("entropy+bias+softcap", forward_blocks(dtype, arch, softcap=True), True, True),
+        ]
+        if dtype == torch.bfloat16:
+            variants += [(f"entropy+bias, candidate {i}", b, True, False) for i, b in enumerate(FORWARD_CANDIDATES_16)]
+        for label, blocks, entropy, softcap in variants:
+            specs.append(
+                KernelSpec(
+                    name=f"_partial_kernel[{name}, {label}, {blocks.block_n}x{blocks.block_v}x{blocks.block_d}]",
+                    kernel=_partial_kernel,
+                    constexprs=dict(
+                        HAS_BIAS=entropy,
+                        SOFTCAP=softcap,
+                        RETURN_ENTROPY=entropy,
+                        UPCAST=False,
+                        PRECISION=dot_precision(dtype),
+                        BLOCK_N=blocks.block_n,
+                        BLOCK_V=blocks.block_v,
+                        BLOCK_D=blocks.block_d,
+                    ),
+                    num_warps=blocks.num_warps,
+                    num_stages=blocks.num_stages,
+                    pointers=dict(hidden_ptr=name, weight_ptr=name, bias_ptr=name, targets_ptr="i64"),
+                    floats=("logit_scale", "softcap"),
+                    gemm_dtype=name,
+                )
             )
-            if needs_hidden_grad:
-                hidden_acc += grad_tile @ w
-            if needs_weight_grad:
-                grad_weight[v0:v1].addmm_(grad_tile.T, h)
-            if grad_bias is not None:
-                grad_bias[v0:v1] += grad_tile.sum(0, dtype=torch.float32)
-        if needs_hidden_grad:
-            grad_hidden[n0:n1] = hidden_acc
-    grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
-    return grad_hidden, grad_weight, grad_bias
+    for segments in (True, False):
+        specs.append(
+            KernelSpec(
+                name=f"_combine_kernel[{'segments, ' if segments else ''}entropy]",
+                kernel=_combine_kernel,
+                constexprs=dict(RETURN_ENTROPY=True, HAS_SEGMENTS=segments, BLOCK_N=COMBINE_BLOCK, BLOCK_S=16),
+                num_warps=4,
+                num_stages=1,
+                pointers=dict(targets_ptr="i64", segment_ids_ptr="i64"),
+            )
+        )
+    return specs

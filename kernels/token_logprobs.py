@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, soft_cap, soft_cap_slope
+from ._common import KernelSpec, interpreting, soft_cap, soft_cap_slope
 
 
 @triton.jit
@@ -153,10 +153,17 @@ def _rows_layout(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return logits, logits.shape[1], logits.stride(0), logits.stride(1)
 
 
+# One program per row walks the vocabulary in blocks of up to 4096 values with 8 warps: 16 values per thread per
+# block, so each thread issues 16-byte loads for fp32 rows (8-byte for 16-bit), enough bytes in flight per SM to
+# stream the logits near HBM bandwidth.
+MAX_BLOCK_V = 4096
+NUM_WARPS = 8
+
+
 def _block_v(vocab: int) -> int:
     if interpreting():
         return min(128, triton.next_power_of_2(vocab))
-    return min(4096, triton.next_power_of_2(vocab))
+    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
 
 
 def token_logprobs_forward(
@@ -193,7 +200,7 @@ def token_logprobs_forward(
             RETURN_ENTROPY=return_entropy,
             SOFTCAP=bool(softcap),
             BLOCK_V=_block_v(vocab),
-            num_warps=1 if interpreting() else 8,
+            num_warps=1 if interpreting() else NUM_WARPS,
         )
     return logprobs, entropy, lse
 
@@ -234,6 +241,34 @@ def token_logprobs_backward(
             HAS_GRAD_ENTROPY=has_grad_entropy,
             SOFTCAP=bool(softcap),
             BLOCK_V=_block_v(vocab),
-            num_warps=1 if interpreting() else 8,
+            num_warps=1 if interpreting() else NUM_WARPS,
         )
     return grad_logits
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Both kernels at the largest vocabulary block, for fp32 and bf16 logits, with every option on and off."""
+    specs = []
+    for dtype in ("fp32", "bf16"):
+        for heavy in (True, False):
+            variant = "entropy+softcap" if heavy else "plain"
+            common = dict(num_warps=NUM_WARPS, num_stages=1, floats=("inv_temperature", "softcap"))
+            specs.append(
+                KernelSpec(
+                    name=f"_token_logprobs_fwd_kernel[{dtype}, {variant}]",
+                    kernel=_token_logprobs_fwd_kernel,
+                    constexprs=dict(RETURN_ENTROPY=heavy, SOFTCAP=heavy, BLOCK_V=MAX_BLOCK_V),
+                    pointers=dict(logits_ptr=dtype, targets_ptr="i64"),
+                    **common,
+                )
+            )
+            specs.append(
+                KernelSpec(
+                    name=f"_token_logprobs_bwd_kernel[{dtype}, {variant}]",
+                    kernel=_token_logprobs_bwd_kernel,
+                    constexprs=dict(HAS_GRAD_ENTROPY=heavy, SOFTCAP=heavy, BLOCK_V=MAX_BLOCK_V),
+                    pointers=dict(grad_logits_ptr=dtype, logits_ptr=dtype, targets_ptr="i64"),
+                    **common,
+                )
+            )
+    return specs

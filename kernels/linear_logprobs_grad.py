@@ -1,0 +1,295 @@
+"""Gradients of `linear_token_logprobs` and `sequence_perplexity` with respect to hidden, weight and bias.
+
+`_grad_logits_kernel` recomputes one `[tokens, vocab]` tile of logits (`_logits_tile`, in the forward's log2 units)
+and writes `d loss / d logits` for it in the input dtype; the launcher turns each tile into the gradients of hidden,
+weight and bias with two tensor-core GEMMs, so memory stays bounded by one tile.
+
+Accumulation: the hidden-state gradient of a token chunk accumulates in fp32 over every vocabulary tile; the weight
+gradient accumulates in its own dtype across token chunks (rounded once per chunk: 16 times at N = 16384). Exact
+fp32 accumulation of both would need either an fp32 `[V, D]` (2.5 GB at V = 151936, D = 4096) or an fp32 `[N, D]`
+buffer (256 MiB at N = 16384) across the whole loop, both far beyond DESIGN.md's 64 MiB, or a fourth GEMM
+(recomputing the logits once per loop order), which would break the 1.45x forward + backward target.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LN2,
+    LOG2E,
+    Blocks,
+    KernelSpec,
+    arch_family,
+    dot_precision,
+    dot_upcast,
+    interpreting,
+    soft_cap_slope,
+)
+from .linear_logprobs import _logits_tile, forward_blocks
+
+# The gradient tile's configurations, from the ahead-of-time compile report: the plain tile (log-prob gradient only)
+# as the forward's; with the entropy gradient or soft-capping, the epilogue holds p, log p, the entropy term or the
+# cap's slope on top of the accumulator, and a [128, 128] tile spills on sm_90a, so those take half the rows.
+GRAD_BLOCKS = {
+    (90, 16): Blocks(128, 128, 64, num_warps=8, num_stages=3),
+    (80, 16): Blocks(128, 128, 64, num_warps=8, num_stages=3),
+    (90, 32): Blocks(64, 64, 32, num_warps=4, num_stages=3),
+    (80, 32): Blocks(64, 64, 32, num_warps=4, num_stages=3),
+}
+HEAVY_GRAD_BLOCKS_16 = Blocks(64, 128, 64, num_warps=8, num_stages=3)
+# Backward tiles: a [1024, 8192] bf16 tile of logit gradients is 16 MiB, its fp32 hidden accumulator 16 MiB at D=4096.
+BACKWARD_TILE = (1024, 8192)
+
+
+def grad_blocks(dtype: torch.dtype, arch: int, heavy: bool = False) -> Blocks:
+    """Tiles of `_grad_logits_kernel`; `heavy`: with the entropy gradient or soft-capping."""
+    if arch == 0:
+        return forward_blocks(dtype, 0)
+    width = 32 if dtype == torch.float32 else 16
+    if heavy and width == 16:
+        return HEAVY_GRAD_BLOCKS_16
+    return GRAD_BLOCKS[(90 if arch >= 90 else 80, width)]
+
+
+@triton.jit
+def _grad_logits_kernel(
+    grad_logits_ptr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    n_tokens,
+    vocab,
+    dim,
+    stride_hn,
+    stride_wv,
+    stride_gn,
+    col_offset,
+    logit_scale,
+    inv_temperature,
+    softcap,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_start = tl.program_id(1) * BLOCK_V
+    tile_cols = tl.arange(0, BLOCK_V)
+    cols = tile_start.to(tl.int64) + tile_cols
+    row_mask = rows < n_tokens
+    # x in log2 units: x = logit / T * log2(e), as in the forward.
+    x = _logits_tile(
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        rows,
+        cols,
+        n_tokens,
+        vocab,
+        dim,
+        stride_hn,
+        stride_wv,
+        logit_scale,
+        softcap,
+        HAS_BIAS,
+        SOFTCAP,
+        UPCAST,
+        PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (targets != ignore_index)
+    # The target as an int32 column of this tile (-1: not in it).
+    local = targets - col_offset - tile_start
+    target_col = tl.where((local >= 0) & (local < BLOCK_V), local, -1).to(tl.int32)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+    g_logprob = tl.where(valid, tl.load(grad_logprobs_ptr + rows, mask=row_mask, other=0.0), 0.0)
+    log2_p = x - lse[:, None]
+    p = tl.where(valid[:, None], tl.exp2(log2_p), 0.0)  # also keeps all--inf ignored rows from turning NaN
+    grad_x = g_logprob[:, None] * (tl.where(tile_cols[None, :] == target_col[:, None], 1.0, 0.0) - p)
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.where(valid, tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0), 0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        grad_x -= g_entropy[:, None] * tl.where(p > 0, p * (log2_p * LN2 + entropy[:, None]), 0.0)
+    grad_x *= inv_temperature
+    if SOFTCAP:
+        grad_x *= soft_cap_slope(x / logit_scale, softcap)
+    out = grad_logits_ptr + rows[:, None] * stride_gn + cols[None, :]
+    tl.store(out, grad_x.to(grad_logits_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < vocab))
+
+
+def linear_logprobs_grad_logits(
+    out: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    col_offset: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Write (and return) `d loss / d logits` of the chunk `hidden [n, D]` x `weight [v, D]` into `out [n, v]`
+    (a view with a contiguous last dim). Per-token tensors are the chunk's slices; `weight` holds the vocabulary
+    rows from `col_offset` on, and `targets` are ids in the whole vocabulary."""
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    has_grad_entropy = grad_entropy is not None
+    heavy = has_grad_entropy or bool(softcap)
+    blocks = grad_blocks(hidden.dtype, 0 if interpreting() else arch_family(hidden.device), heavy)
+    grid = (triton.cdiv(n_tokens, blocks.block_n), triton.cdiv(vocab, blocks.block_v))
+    _grad_logits_kernel[grid](
+        out,
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        targets,
+        lse,
+        entropy if has_grad_entropy else lse,
+        grad_logprobs,
+        grad_entropy if has_grad_entropy else grad_logprobs,
+        n_tokens,
+        vocab,
+        dim,
+        hidden.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        col_offset,
+        LOG2E.value / temperature,
+        1.0 / temperature,
+        softcap or 1.0,
+        ignore_index,
+        HAS_BIAS=bias is not None,
+        SOFTCAP=bool(softcap),
+        HAS_GRAD_ENTROPY=has_grad_entropy,
+        UPCAST=dot_upcast(hidden.dtype),
+        PRECISION=dot_precision(hidden.dtype),
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_D=blocks.block_d,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+    )
+    return out
+
+
+def linear_logprobs_backward(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden, weight and bias (empty when not needed): each `[tokens, vocab]` tile of logit gradients,
+    written in the input dtype by `_grad_logits_kernel` into one reused buffer, feeds two tensor-core GEMMs
+    (accumulation: module docstring)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    token_chunk = max(1, min(BACKWARD_TILE[0], n_tokens))
+    vocab_chunk = max(1, min(BACKWARD_TILE[1], vocab))
+    grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if needs_bias_grad else None
+    # Every tile is written into one reused buffer, viewed contiguously at that tile's shape (edge tiles are smaller).
+    tile_buffer = torch.empty(token_chunk * vocab_chunk, dtype=hidden.dtype, device=hidden.device)
+    grad_logprobs = grad_logprobs.float().contiguous()
+    grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
+    for n0 in range(0, n_tokens, token_chunk):
+        n1 = min(n0 + token_chunk, n_tokens)
+        h = hidden[n0:n1]
+        hidden_acc = torch.zeros((n1 - n0, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+        for v0 in range(0, vocab, vocab_chunk):
+            v1 = min(v0 + vocab_chunk, vocab)
+            w = weight[v0:v1]
+            grad_tile = linear_logprobs_grad_logits(
+                tile_buffer[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0),
+                h,
+                w,
+                bias[v0:v1] if bias is not None else None,
+                targets[n0:n1],
+                lse[n0:n1],
+                entropy[n0:n1] if entropy is not None else None,
+                grad_logprobs[n0:n1],
+                grad_entropy[n0:n1] if grad_entropy is not None else None,
+                temperature,
+                ignore_index,
+                col_offset=v0,
+                softcap=softcap,
+            )
+            if needs_hidden_grad:
+                hidden_acc += grad_tile @ w
+            if needs_weight_grad:
+                grad_weight[v0:v1].addmm_(grad_tile.T, h)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += grad_tile.sum(0, dtype=torch.float32)
+        if needs_hidden_grad:
+            grad_hidden[n0:n1] = hidden_acc
+    grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------- ahead-of-time compile check
+
+_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """The gradient tile's configurations on `arch`: heaviest variant (bias, soft-cap, entropy gradient) and
+    lightest (log-prob gradient only), for each operand dtype."""
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        name = _TL_NAMES[dtype]
+        for heavy in (True, False):
+            blocks = grad_blocks(dtype, arch, heavy)
+            specs.append(
+                KernelSpec(
+                    name=f"_grad_logits_kernel[{name}, {'entropy+bias+softcap' if heavy else 'plain'}, "
+                    f"{blocks.block_n}x{blocks.block_v}x{blocks.block_d}]",
+                    kernel=_grad_logits_kernel,
+                    constexprs=dict(
+                        HAS_BIAS=heavy,
+                        SOFTCAP=heavy,
+                        HAS_GRAD_ENTROPY=heavy,
+                        UPCAST=False,
+                        PRECISION=dot_precision(dtype),
+                        BLOCK_N=blocks.block_n,
+                        BLOCK_V=blocks.block_v,
+                        BLOCK_D=blocks.block_d,
+                    ),
+                    num_warps=blocks.num_warps,
+                    num_stages=blocks.num_stages,
+                    pointers=dict(
+                        grad_logits_ptr=name, hidden_ptr=name, weight_ptr=name, bias_ptr=name, targets_ptr="i64"
+                    ),
+                    floats=("logit_scale", "inv_temperature", "softcap"),
+                    gemm_dtype=name,
+                )
+            )
+    return specs
