@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sarkern-installed
 
-.PHONY: install test test-fast bench train lint clean
+.PHONY: install test test-fast bench train lint clean static-report
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -e ".[bench]"
 	$(PY) benchmarks/run.py
+
+# Every Triton kernel configuration compiled for sm_90a and sm_80 (no GPU needed): registers, spills, shared memory.
+static-report: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m sarkern.kernels.compile_report --check --out benchmarks/results/kernels-static.md
 
 train: $(STAMP)
 	$(VENV)/bin/sarkern train

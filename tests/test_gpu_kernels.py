@@ -73,3 +73,61 @@ def test_token_logprobs_design_shape_bf16():
         [reference.token_logprobs(logits[i : i + 512].double(), targets[i : i + 512]) for i in range(0, 8192, 512)]
     )
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_softcap_and_entropy_gradients_bf16(softcap):
+    """The heavy kernel variants (soft-capping, entropy gradient) run their own tile configurations on a GPU."""
+    torch.manual_seed(3)
+    n, dim, vocab = 1024, 512, 50257
+    hidden = torch.randn(n, dim, device="cuda", dtype=torch.float64).bfloat16()
+    weight = (torch.randn(vocab, dim, device="cuda", dtype=torch.float64) / dim**0.5 * 40).bfloat16()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    ref_leaves = [hidden.double().requires_grad_(True), weight.double().requires_grad_(True)]
+    lp, ent = sarkern.linear_token_logprobs(*leaves, targets, return_entropy=True, softcap=softcap)
+    ref_lp, ref_ent = reference.linear_token_logprobs(*ref_leaves, targets, return_entropy=True, softcap=softcap)
+    (lp.sum() - 0.3 * ent.sum()).backward()
+    (ref_lp.sum() - 0.3 * ref_ent.sum()).backward()
+    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-2, rtol=0)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=2e-2, rtol=0)
+    for leaf, ref in zip(leaves, ref_leaves):
+        scale = ref.grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, atol=2e-2 * scale, rtol=2e-2)
+
+
+def test_unchecked_ops_run_without_host_sync_and_capture_in_a_cuda_graph():
+    """`check_inputs=False`: no device-to-host sync (torch raises on one in "error" mode), so the ops can be captured
+    in a CUDA graph, whose replay gives the eager numbers."""
+    torch.manual_seed(4)
+    n, dim, vocab = 4096, 1024, 32000
+    hidden = torch.randn(n, dim, device="cuda").bfloat16()
+    weight = (torch.randn(vocab, dim, device="cuda") / dim**0.5 * 3).bfloat16()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    segments = torch.arange(n, device="cuda") // 512
+
+    def run():
+        lp = sarkern.linear_token_logprobs(hidden, weight, targets, check_inputs=False)
+        ppl = sarkern.sequence_perplexity(hidden, weight, targets, segments, 8, check_inputs=False)
+        return lp, ppl
+
+    eager = run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured[0], eager[0], atol=0, rtol=0)
+    # The per-segment sums are atomic adds, whose order may differ between runs: fp32 rounding of 512 terms.
+    torch.testing.assert_close(captured[1], eager[1], atol=0, rtol=512 * 2.0**-23)

@@ -94,9 +94,7 @@ def test_triton_vocab_splits(num_splits, monkeypatch):
 
     (h, _), (w, _), (b, _) = make_inputs((21,), 24, 230, torch.float32, seed=3)[0]
     targets = make_inputs((21,), 24, 230, torch.float32, seed=3)[1]
-    logprobs, entropy, lse, _, _ = kernels.linear_logprobs_forward(
-        h, w, b, targets, 1.0, -100, True, splits=num_splits
-    )
+    logprobs, entropy, lse, _, _ = kernels.linear_logprobs_forward(h, w, b, targets, 1.0, -100, True, splits=num_splits)
     ref_lp, ref_ent = reference.linear_token_logprobs(
         h.double(), w.double(), targets, bias=b.double(), return_entropy=True
     )

@@ -34,9 +34,7 @@ def test_opcheck_custom_ops():
     for softcap, check_inputs in ((0.0, True), (2.5, False)):
         options = (softcap, check_inputs)
         torch.library.opcheck(torch.ops.sarkern.token_logprobs, (h2 @ w2.T, flat_t, 1.0, -100, True, *options))
-        torch.library.opcheck(
-            torch.ops.sarkern.linear_token_logprobs, (h2, w2, b2, flat_t, 0.9, -100, True, *options)
-        )
+        torch.library.opcheck(torch.ops.sarkern.linear_token_logprobs, (h2, w2, b2, flat_t, 0.9, -100, True, *options))
         torch.library.opcheck(
             torch.ops.sarkern.segment_logprob_sums,
             (h2, w2, None, seg_targets, segments.reshape(-1), 2, 1.0, *options),
