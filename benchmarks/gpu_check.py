@@ -133,7 +133,7 @@ TINY = Settings(
         "sequence_perplexity": 10,
         "scorer": 40,
     },
-    total_s=200,
+    total_s=240,
     backends=("triton", "torch"),
 )
 
@@ -1009,6 +1009,23 @@ def _contender_table(rows: dict, ratio_keys: list[tuple[str, str]]) -> list[str]
     return lines
 
 
+def _legend(data: dict) -> list[str]:
+    """What each contender computes, in words (labels.py), for those that appear in this report."""
+    import labels
+
+    keys = []
+    for family in ("linear", "logits"):
+        for mode in ("forward", "forward_backward"):
+            keys += list(data.get("ops", {}).get(family, {}).get(mode, {}))
+    keys += list(data.get("scorer", {}).get("contenders", {}))
+    lines = ["", "## Contenders", ""]
+    for key in dict.fromkeys(keys):
+        base = key.split("[")[0].split(",")[0]
+        suffix = key[len(base) :].strip(", ")
+        lines.append(f"- `{key}`: {labels.description(base)}" + (f" ({suffix})" if suffix else ""))
+    return lines
+
+
 def render(run: Run) -> str:
     data, settings = run.data, run.settings
     machine, versions, sk = data.get("machine", {}), data.get("versions", {}), data.get("sarkern", {})
@@ -1077,6 +1094,7 @@ def render(run: Run) -> str:
             )
         else:
             out.append(f"- GEMM: {gemm.get('status')}: {gemm.get('reason')}")
+    out += _legend(data)
     ratio_cols = [
         ("x ceiling", "x_ceiling"),
         ("x sarkern time", "x_sarkern_time"),
@@ -1198,7 +1216,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=HERE / "results", help="folder for the .md/.json (default %(default)s)"
     )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these")
-    parser.add_argument("--total-s", type=float, help="the whole run's time budget in seconds (default: 470; tiny 200)")
+    parser.add_argument("--total-s", type=float, help="the whole run's time budget in seconds (default: 470; tiny 240)")
+    parser.add_argument(
+        "--budget-scale", type=float, default=1.0, help="multiply every time budget (the test suite's slow machines)"
+    )
     parser.add_argument("--source-digest", action="store_true", help="print the digest of sarkern's sources and exit")
     args = parser.parse_args(argv)
     if args.source_digest:
@@ -1207,6 +1228,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = TINY if args.tiny else FULL
     if args.total_s:
         settings = replace(settings, total_s=args.total_s)
+    if args.budget_scale != 1.0:
+        settings = replace(
+            settings,
+            total_s=settings.total_s * args.budget_scale,
+            budgets={k: v * args.budget_scale for k, v in settings.budgets.items()},
+        )
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device here: the full run needs a GPU (use --tiny for the CPU check of the script)")
     ensure_sarkern_importable()
