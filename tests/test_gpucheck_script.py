@@ -205,3 +205,15 @@ def test_targets_not_measured_when_a_section_failed():
     targets = {t["what"]: t for t in gpu_check.evaluate_targets(data, gpu_check.FULL)}
     assert targets["linear_token_logprobs forward / cuBLAS logits GEMM"]["status"] == "not measured"
     assert targets["SAR scoring peak memory / paper's way"]["status"] == "met"
+
+
+def test_outcomes_read_from_an_unfinished_pytest_log():
+    log = (
+        "tests/test_gpu_kernels.py::test_a[16384] PASSED    [ 14%]\n"
+        "tests/test_gpu_kernels.py::test_b FAILED    [ 28%]\n"
+        "tests/test_gpu_flex.py::test_c SKIPPED (needs CUDA)    [ 42%]\n"
+        "tests/test_gpu_flex.py::test_d "
+    )
+    summary = gpu_check._log_summary(log)
+    assert (summary["passed"], summary["failed"], summary["skipped"], summary["errors"]) == (1, 1, 1, 0)
+    assert summary["failures"] == ["tests/test_gpu_kernels.py::test_b: FAILED"] and summary["unfinished"]
