@@ -1,6 +1,7 @@
 """`make gpu-check`: everything GPU-side in one run of at most 8 minutes (DESIGN.md sections 4 and 6).
 
-In order, each section inside its own time budget, a failure in one recorded and the next one run:
+In order, each section in its own process and time budget (a hung kernel is killed, a broken CUDA context ends with
+its section), a failure in one recorded and the next one run:
 1. the device and versions (torch, Triton, driver, sarkern's commit and source digest, the peers);
 2. `tests/test_gpu_*.py` through pytest (a subprocess with a hard timeout; pass/fail per test recorded);
 3. the two ceilings: HBM bandwidth (a large device-to-device copy, bytes read + written, and a read-only
@@ -119,7 +120,7 @@ TINY = Settings(
     device="cpu",
     dtype="float32",
     linear=(32, 16, 300),  # V not a multiple of the kernels' vocabulary block: the masked tail runs
-    logits=(32, 300),
+    logits=(16, 300),
     segments=4,
     copy_bytes=8 * MiB,
     rep_ms=20.0,
@@ -129,9 +130,9 @@ TINY = Settings(
         "environment": 20,
         "tests": 60,
         "ceilings": 10,
-        "linear": 40,
-        "logits": 20,
-        "sequence_perplexity": 10,
+        "linear": 60,
+        "logits": 40,
+        "sequence_perplexity": 15,
         "scorer": 40,
     },
     total_s=240,
@@ -208,10 +209,15 @@ class Device:
             torch.cuda.synchronize()
 
     def free(self) -> None:
+        """Release cached memory between measurements; never raises (a broken CUDA context is reported where it
+        broke, and the section's process ends with it)."""
         gc.collect()
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as error:
+                print(f"   (freeing CUDA memory failed: {type(error).__name__}: {error})", flush=True)
 
     def median_ms(self, fn: Callable[[], object], rep_ms: float) -> float:
         """Median time of one call after the caller's warm-up (compilation, autotuning, workspaces)."""
@@ -321,6 +327,7 @@ class Run:
     data: dict = field(default_factory=dict)
     section_started: float = 0.0
     section_budget: float = 0.0
+    child: bool = False  # a section's own process (see run_section_process): the parent owns the wall time
 
     def remaining(self) -> float:
         """Seconds left in the current section, capped by what is left of the whole run."""
@@ -330,12 +337,13 @@ class Run:
     @contextlib.contextmanager
     def section(self, name: str):
         self.section_started, self.section_budget = time.monotonic(), self.settings.budgets[name]
-        record = {"status": "ok", "budget_s": self.section_budget}
+        record = {"status": "running", "budget_s": self.section_budget}
         self.data.setdefault("sections", {})[name] = record
         print(f"\n== {name} (budget {self.section_budget:.0f} s)", flush=True)
         try:
             with time_limit(self.remaining()):
                 yield
+            record["status"] = "ok"
         except Exception as error:  # one failing section never loses the others
             record.update(outcome_of(error))
             if record["status"] == "error":
@@ -347,7 +355,10 @@ class Run:
             self.write()
 
     def measure(self, what: str, fn: Callable[[], dict]) -> dict:
-        """One measurement inside the section's remaining budget; its failure becomes its row's status."""
+        """One measurement inside the section's remaining budget; its failure becomes its row's status.
+
+        The report is written first, so a section process killed in this measurement leaves the ones before it."""
+        self.write()
         try:
             with time_limit(self.remaining()):
                 row = {"status": "ok", **fn()}
@@ -360,14 +371,36 @@ class Run:
         return row
 
     def write(self) -> None:
-        self.data["wall_s"] = round(time.monotonic() - self.started, 1)
-        self.data["targets"] = evaluate_targets(self.data, self.settings)
+        """The JSON, then the markdown rendered from it; never raises (a rendering bug must not cost the data)."""
+        if not self.child:
+            self.data["wall_s"] = round(time.monotonic() - self.started, 1)
         self.out.mkdir(parents=True, exist_ok=True)
-        for suffix, text in ((".json", json.dumps(self.data, indent=2, default=str) + "\n"), (".md", render(self))):
-            path = self.out / f"{self.tag}{suffix}"
-            tmp = path.with_suffix(suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+        try:
+            self.data["targets"] = evaluate_targets(self.data, self.settings)
+        except Exception as error:
+            note = outcome_of(error)["reason"]
+            self.data["targets"] = [
+                {
+                    "what": "(evaluating the targets)",
+                    "limit": None,
+                    "better": "lower",
+                    "ratio": None,
+                    "status": "error",
+                    "note": note,
+                }
+            ]
+        _write_atomic(self.out / f"{self.tag}.json", json.dumps(self.data, indent=2, default=str) + "\n")
+        try:
+            text = render(self)
+        except Exception as error:
+            text = f"# gpu-check: {self.tag}\n\nRendering failed ({outcome_of(error)['reason']}); see the .json.\n"
+        _write_atomic(self.out / f"{self.tag}.md", text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------- 1. environment
@@ -529,12 +562,15 @@ def ceilings(run: Run) -> None:
         dst = torch.empty_like(src)
         copy_ms = warm_median_ms(lambda: dst.copy_(src))
         read_ms = warm_median_ms(lambda: src.sum(dtype=torch.float32))
+        copy_rate, read_rate = 2 * nbytes(src) / copy_ms / 1e6, nbytes(src) / read_ms / 1e6  # copy: read + written
         return {
             "bytes": nbytes(src),
             "copy_ms": copy_ms,
-            "copy_GBps": 2 * nbytes(src) / copy_ms / 1e6,  # read + written
+            "copy_GBps": copy_rate,
             "read_ms": read_ms,
-            "read_GBps": nbytes(src) / read_ms / 1e6,
+            "read_GBps": read_rate,
+            # The conservative read ceiling: the better of a read-only reduction and a copy.
+            "read_ceiling_GBps": max(copy_rate, read_rate),
         }
 
     result["hbm"] = run.measure("HBM bandwidth", bandwidth)
@@ -564,10 +600,6 @@ def ceilings(run: Run) -> None:
         }
 
     result["gemm"] = run.measure("cuBLAS GEMMs", gemms)
-    hbm = result["hbm"]
-    if hbm.get("status") == "ok":
-        # The conservative read ceiling: the better of a read-only reduction and a copy.
-        hbm["read_ceiling_GBps"] = max(hbm["read_GBps"], hbm["copy_GBps"])
 
 
 # ------------------------------------------------------------------------------------------------ 4. ops
@@ -1170,6 +1202,7 @@ def render(run: Run) -> str:
 
 
 sys_path_additions: list[str] = []
+SITE_VARIABLE = "SARKERN_GPU_CHECK_SITE"
 
 
 def ensure_sarkern_importable() -> None:
@@ -1182,8 +1215,9 @@ def ensure_sarkern_importable() -> None:
     try:
         import sarkern
 
-        here = Path(sarkern.__file__).resolve().parent == ROOT / "sarkern"
-        if here and importlib.util.find_spec("sarkern.kernels") is not None:
+        where = Path(sarkern.__file__).resolve().parent
+        installed_here = os.environ.get(SITE_VARIABLE) and where.parent == Path(os.environ[SITE_VARIABLE]).resolve()
+        if (where == ROOT / "sarkern" or installed_here) and importlib.util.find_spec("sarkern.kernels") is not None:
             return
     except ImportError:
         pass
@@ -1209,6 +1243,7 @@ def ensure_sarkern_importable() -> None:
     )
     sys.path.insert(0, str(target))
     sys_path_additions.insert(0, str(target))
+    os.environ[SITE_VARIABLE] = str(target)  # the sections' processes import this copy, not a new one
     importlib.invalidate_caches()
     importlib.import_module("sarkern")
 
@@ -1219,6 +1254,7 @@ def device_tag(device: Device) -> str:
 
 
 SECTIONS = ("environment", "tests", "ceilings", "linear", "logits", "sequence_perplexity", "scorer")
+SECTION_GRACE_S = 20  # a section's process: start-up (imports) on top of its budget before it is killed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1235,6 +1271,9 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-scale", type=float, default=1.0, help="multiply every time budget (the test suite's slow machines)"
     )
     parser.add_argument("--source-digest", action="store_true", help="print the digest of sarkern's sources and exit")
+    parser.add_argument("--child", choices=SECTIONS[1:], help=argparse.SUPPRESS)  # one section's own process
+    parser.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--tag", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.source_digest:
         print(source_digest())
@@ -1252,7 +1291,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device here: the full run needs a GPU (use --tiny for the CPU check of the script)")
     ensure_sarkern_importable()
     device = Device(settings.device)
-    tag = f"{device_tag(device)}-{'tiny-' if args.tiny else ''}{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"
+    today = dt.datetime.now(dt.timezone.utc)
+    tag = args.tag or f"{device_tag(device)}-{'tiny-' if args.tiny else ''}{today:%Y-%m-%d}"
     run = Run(settings, device, args.out, tag)
     run.data.update(
         schema=1,
@@ -1269,14 +1309,56 @@ def main(argv: list[str] | None = None) -> int:
         "sequence_perplexity": time_sequence_perplexity,
         "scorer": time_scorer,
     }
-    for name in SECTIONS:
-        if name in args.sections or name == "environment":
-            with run.section(name):
-                steps[name](run)
+    if args.child:
+        # One section in this process; the report so far comes from (and goes back to) the JSON file.
+        run.data = json.loads((args.out / f"{tag}.json").read_text())
+        run.child = True
+        run.settings = replace(settings, total_s=args.child_budget, budgets={args.child: args.child_budget})
+        with run.section(args.child):
+            steps[args.child](run)
+        return 0
+    with run.section("environment"):
+        environment(run)
+    for name in SECTIONS[1:]:
+        if name in args.sections:
+            run_section_process(run, name, args)
     run.write()
     print("\n" + "\n".join(_summary(run)), flush=True)
     print(f"\nwritten: {run.out / (tag + '.md')} and .json", flush=True)
     return 0
+
+
+def run_section_process(run: Run, name: str, args) -> None:
+    """Run one section in its own process, so that a hung kernel (killed at the budget's end, with a grace for
+    start-up) or a broken CUDA context (an illegal address in one contender) costs that section only."""
+    budget = min(run.settings.budgets[name], run.settings.total_s - (time.monotonic() - run.started))
+    sections = run.data.setdefault("sections", {})
+    if budget <= 1:
+        sections[name] = {"status": "skipped", "budget_s": 0, "seconds": 0, "reason": "no time left in the run"}
+        run.write()
+        return
+    sections[name] = {"status": "running", "budget_s": budget}
+    run.write()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-budget", f"{budget:.1f}"]
+    cmd += ["--tag", run.tag, "--out", str(run.out), *(["--tiny"] if args.tiny else [])]
+    paths = [*sys_path_additions, os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    start = time.monotonic()
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = process.wait(timeout=budget + SECTION_GRACE_S)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        code = None
+    run.data = json.loads((run.out / f"{run.tag}.json").read_text())
+    record = run.data.setdefault("sections", {}).setdefault(name, {"budget_s": budget})
+    if record.get("status") == "running":  # the process ended inside the section
+        why = f"killed after {time.monotonic() - start:.0f} s (hung)" if code is None else f"its process died ({code})"
+        record.update(status="killed" if code is None else "crashed", reason=why)
+        print(f"   section {name}: {why}", flush=True)
+    record["process_seconds"] = round(time.monotonic() - start, 2)
+    run.write()
 
 
 def _summary(run: Run) -> list[str]:
@@ -1285,7 +1367,8 @@ def _summary(run: Run) -> list[str]:
     for t in run.data.get("targets", []):
         lines.append(f"| {t['what']} | {_fmt(t['ratio'])} | {t['status']} |")
     for name, s in run.data.get("sections", {}).items():
-        lines.append(f"section {name}: {s['status']} in {s.get('seconds')} s {s.get('reason', '')[:120]}")
+        seconds = s.get("process_seconds", s.get("seconds"))
+        lines.append(f"section {name}: {s['status']} in {seconds} s {s.get('reason', '')[:120]}")
     return lines
 
 

@@ -66,6 +66,8 @@ def test_tiny_run_every_section_ran(tiny_run):
     _, _, data, _ = tiny_run
     assert data["mode"] == "tiny"
     assert {name: s["status"] for name, s in data["sections"].items()} == dict.fromkeys(SECTIONS, "ok")
+    # Every section but the environment ran in a process of its own.
+    assert all("process_seconds" in s for name, s in data["sections"].items() if name != "environment")
     assert data["versions"]["torch"] and data["sarkern"]["source_digest"] == gpu_check.source_digest()
     # The GPU tests were collected and skipped for want of CUDA: collected, not lost.
     tests = data["tests"]
@@ -148,6 +150,10 @@ def test_a_failing_measurement_is_recorded_and_the_run_goes_on(tmp_path):
     assert good == {"status": "ok", "median_ms": 1.0}
     with run.section("linear"):
         raise RuntimeError("a whole section failing")
+    with run.section("logits"):
+        run.data["sections"]["logits"]["probe"] = "running while inside"
+        assert run.data["sections"]["logits"]["status"] == "running"  # what a killed section process leaves
+    assert run.data["sections"]["logits"]["status"] == "ok"
     assert run.data["sections"]["ceilings"]["status"] == "ok"
     assert run.data["sections"]["linear"]["status"] == "failed"
     assert "a whole section failing" in run.data["sections"]["linear"]["reason"]
