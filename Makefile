@@ -42,11 +42,11 @@ clean:
 # nvidia-*: the GPU image has its own CUDA builds. Liger's SM90 fused scaled cross entropy would need NVIDIA's CuTe
 # DSL (nvidia-cutlass-dsl-libs-cu13, a 92 MB wheel): too big to carry, so that contender reports it as missing.
 # On the GPU machine: `make gpu-check` with $(GPU_WHEELS) carried. It runs the system python (torch 2.11 + Triton 3.6
-# there), never .venv (made here for the CPU), installs the wheels into a temporary folder without network, and
-# writes the results to $$OUT when the device tool sets it (else benchmarks/results).
+# there), never .venv (made here for the CPU); the script installs the wheels and this checkout's sarkern into
+# temporary folders without network, and writes the results to $$OUT when the device tool sets it (else
+# benchmarks/results). Without make: python3 benchmarks/gpu_check.py --wheels .gpu-wheels --out "$$OUT".
 GPU_PYTHON ?= python3
 GPU_WHEELS ?= .gpu-wheels
-GPU_SITE ?= /tmp/sarkern-gpu-site
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),benchmarks/results)
 GPU_PY_VERSION ?= 3.12
 GPU_PEERS ?= trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets==5.2.0 dill==0.4.1 \
@@ -61,12 +61,6 @@ gpu-wheels:
 
 gpu-check: SHELL := /bin/bash
 gpu-check:
-	rm -rf $(GPU_SITE); mkdir -p $(GPU_CHECK_OUT)
-	@if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
-		for wheel in $(GPU_WHEELS)/*.whl; do \
-			$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) "$$wheel" \
-				|| echo "gpu-check: could not install $$wheel; its peer will show as not installed"; \
-		done; \
-	else echo "gpu-check: no $(GPU_WHEELS)/ (make gpu-wheels, then carry it): peers will show as not installed"; fi
-	set -o pipefail; PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
-		$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS) 2>&1 | tee $(GPU_CHECK_OUT)/gpu-check.log
+	mkdir -p $(GPU_CHECK_OUT)
+	set -o pipefail; PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --wheels $(GPU_WHEELS) \
+		--out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS) 2>&1 | tee $(GPU_CHECK_OUT)/gpu-check.log

@@ -1256,6 +1256,40 @@ def ensure_sarkern_importable() -> None:
     importlib.import_module("sarkern")
 
 
+def install_wheels(folder: Path) -> None:
+    """Install the carried peers (`make gpu-wheels`) into a temporary folder, each wheel on its own (one that does
+    not fit this Python is reported, the others still install), without dependencies or network."""
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        print(f"   no wheels in {folder}/ (make gpu-wheels, then carry it): missing peers show as not installed")
+        return
+    target = Path(tempfile.mkdtemp(prefix="gpu-check-wheels-"))
+    for wheel in wheels:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(target),
+                str(wheel),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            print(f"   could not install {wheel.name}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+    sys.path.insert(0, str(target))
+    sys_path_additions.append(str(target))
+    importlib.invalidate_caches()
+    print(f"   {len(wheels)} carried wheel(s) from {folder}/ installed into {target}", flush=True)
+
+
 def device_tag(device: Device) -> str:
     name = torch.cuda.get_device_name(device.torch_device) if device.cuda else "cpu"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
@@ -1279,6 +1313,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-scale", type=float, default=1.0, help="multiply every time budget (the test suite's slow machines)"
     )
     parser.add_argument("--source-digest", action="store_true", help="print the digest of sarkern's sources and exit")
+    parser.add_argument("--wheels", type=Path, help="install the peers' wheels in this folder first (make gpu-wheels)")
     parser.add_argument("--child", choices=SECTIONS[1:], help=argparse.SUPPRESS)  # one section's own process
     parser.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--tag", help=argparse.SUPPRESS)
@@ -1297,6 +1332,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device here: the full run needs a GPU (use --tiny for the CPU check of the script)")
+    if args.wheels and not args.child:
+        install_wheels(args.wheels)
     ensure_sarkern_importable()
     device = Device(settings.device)
     today = dt.datetime.now(dt.timezone.utc)
