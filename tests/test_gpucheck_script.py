@@ -29,6 +29,7 @@ SECTIONS = {"environment", "tests", "ceilings", "linear", "logits", "sequence_pe
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
+    no_wheels = tmp_path_factory.mktemp("no-wheels")  # the carried-wheels path, with nothing carried
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("SARKERN_BACKEND", None)
     done = subprocess.run(
@@ -40,6 +41,8 @@ def tiny_run(tmp_path_factory):
             str(out),
             "--budget-scale",
             "20",
+            "--wheels",
+            str(no_wheels),
         ],
         capture_output=True,
         text=True,
@@ -60,6 +63,7 @@ def test_tiny_run_writes_both_reports(tiny_run):
         assert heading in md
     assert (out / f"{data['tag']}.tests.junit.xml").exists()
     assert "== summary" in stdout  # the short table the device tool's reply ends with
+    assert "no wheels in" in stdout
 
 
 def test_tiny_run_every_section_ran(tiny_run):
