@@ -1113,10 +1113,18 @@ def render(run: Run) -> str:
     for t in data.get("targets", []):
         limit = f"{'<=' if t['better'] == 'lower' else '>='} {t['limit']}"
         out.append(f"| {t['what']} | {limit} | {_fmt(t['ratio'])} | {t['status']} | {t['note']} |")
-    out += ["", "## Sections", "", "| section | status | seconds | budget | note |", "|---|---|---|---|---|"]
+    out += [
+        "",
+        "## Sections",
+        "",
+        "Seconds inside the section; with its process's start-up (imports) in parentheses.",
+        "",
+    ]
+    out += ["| section | status | seconds | budget | note |", "|---|---|---|---|---|"]
     for name, s in data.get("sections", {}).items():
         note = (s.get("reason") or "")[:200].replace("|", "/").replace("\n", " ")
-        out.append(f"| {name} | {s['status']} | {s.get('seconds', '-')} | {s['budget_s']:.0f} | {note} |")
+        seconds = f"{s.get('seconds', '-')}" + (f" ({s['process_seconds']})" if "process_seconds" in s else "")
+        out.append(f"| {name} | {s['status']} | {seconds} | {s['budget_s']:.0f} | {note} |")
     tests = data.get("tests")
     if tests:
         out += ["", "## GPU tests", ""]
