@@ -523,7 +523,8 @@ def _junit_summary(path: Path) -> dict:
         if failure is not None or error is not None:
             node = failure if failure is not None else error
             counts["failed" if failure is not None else "errors"] += 1
-            failures.append(f"{name}: {(node.get('message') or '').strip().splitlines()[:1]}")
+            first_line = ((node.get("message") or "").strip().splitlines() or [""])[0]
+            failures.append(f"{name}: {first_line[:200]}")
         elif skipped is not None:
             counts["skipped"] += 1
             skips.add(skipped.get("message", "")[:200])
