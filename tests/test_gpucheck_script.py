@@ -227,3 +227,17 @@ def test_outcomes_read_from_an_unfinished_pytest_log():
     summary = gpu_check._log_summary(log)
     assert (summary["passed"], summary["failed"], summary["skipped"], summary["errors"]) == (1, 1, 1, 0)
     assert summary["failures"] == ["tests/test_gpu_kernels.py::test_b: FAILED"] and summary["unfinished"]
+
+
+def test_outcomes_read_from_the_junit_report(tmp_path):
+    report = tmp_path / "tests.junit.xml"
+    report.write_text(
+        '<testsuites><testsuite><testcase classname="tests.t" name="a"><failure message="assert 1 == 2&#10;more">x'
+        '</failure></testcase><testcase classname="tests.t" name="b"/><testcase classname="tests.t" name="c">'
+        '<skipped message="needs CUDA"/></testcase><testcase classname="tests.t" name="d"><error message="boom"/>'
+        "</testcase></testsuite></testsuites>"
+    )
+    summary = gpu_check._junit_summary(report)
+    assert (summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (1, 1, 1, 1)
+    assert summary["failures"] == ["tests.t::a: assert 1 == 2", "tests.t::d: boom"]
+    assert summary["skip_reasons"] == ["needs CUDA"]
