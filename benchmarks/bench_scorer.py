@@ -133,15 +133,26 @@ def _padded_perplexity(model, prefixes, completions, pad_id: int = 0) -> torch.T
     return torch.exp(-mean_logp)
 
 
+def _padded_perplexity_batches(model, prefixes, completions, micro_batch: int | None) -> torch.Tensor:
+    """``_padded_perplexity`` over micro-batches of ``micro_batch`` completions (None: all at once), as a trainer
+    does when the whole batch's ``[B, S, V]`` logits would not fit."""
+    step = micro_batch or len(completions)
+    parts = [
+        _padded_perplexity(model, prefixes[i : i + step], completions[i : i + step])
+        for i in range(0, len(completions), step)
+    ]
+    return torch.cat(parts)
+
+
 def make_contender(
-    name: str, model, prompts, completions, placeholder
+    name: str, model, prompts, completions, placeholder, *, paper_micro_batch: int | None = None
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     if name == "paper":
 
         def run():
             return (
-                _padded_perplexity(model, prompts, completions),
-                _padded_perplexity(model, [placeholder] * len(completions), completions),
+                _padded_perplexity_batches(model, prompts, completions, paper_micro_batch),
+                _padded_perplexity_batches(model, [placeholder] * len(completions), completions, paper_micro_batch),
             )
 
         return run

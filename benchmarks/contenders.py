@@ -32,14 +32,31 @@ class Inputs:
         return [t for t in (self.hidden, self.weight, self.logits) if t is not None]
 
 
-def make_inputs(family: str, n: int, d: int, v: int, dtype: torch.dtype, device: str, requires_grad: bool, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
+def make_inputs(
+    family: str,
+    n: int,
+    d: int,
+    v: int,
+    dtype: torch.dtype,
+    device: str,
+    requires_grad: bool,
+    seed=0,
+    *,
+    generate_on_device: bool = False,
+):
+    """Random inputs (never zeros). Drawn on the CPU by default, so every device sees the same numbers;
+    `generate_on_device` draws them where they live (gigabytes of logits would take long on the CPU)."""
+    where = device if generate_on_device else "cpu"
+    g = torch.Generator(device=where).manual_seed(seed)
+    targets = torch.randint(0, v, (n,), generator=g, device=where).to(device)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=where) * scale).to(device=device, dtype=dtype)
+
     if family == "logits":
-        logits = (torch.randn(n, v, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(requires_grad)
-        return Inputs(None, None, logits, targets)
-    hidden = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
-    weight = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        return Inputs(None, None, randn(n, v, scale=3.0).requires_grad_(requires_grad), targets)
+    hidden = randn(n, d).requires_grad_(requires_grad)
+    weight = randn(v, d, scale=d**-0.5).requires_grad_(requires_grad)
     return Inputs(hidden, weight, None, targets)
 
 
@@ -131,6 +148,30 @@ def liger_linear(inputs: Inputs, backward: bool):
     return _runner(compute, inputs, backward)
 
 
+def liger_scaled_linear(inputs: Inputs, backward: bool):
+    """Liger-Kernel's fused scaled cross entropy: per-token NLL from its Hopper (SM90) CuTe DSL kernel."""
+    _require_module("liger_kernel")
+    _require_cuda(inputs, "Liger-Kernel's fused scaled cross entropy")
+    capability = torch.cuda.get_device_capability(inputs.targets.device)
+    if capability != (9, 0):
+        # Elsewhere Liger dispatches to a chunked PyTorch fallback, which is not the kernel this contender means.
+        raise Unavailable(f"its CuTe DSL kernel needs compute capability 9.0 (this GPU: {capability})")
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import (
+        LigerFusedLinearScaledCrossEntropyFunction,
+        _load_sm90_function,
+    )
+
+    try:
+        _load_sm90_function()
+    except ImportError as why:
+        raise Unavailable(f"its SM90 kernel needs NVIDIA's CuTe DSL (pip install nvidia-cutlass-dsl): {why}") from why
+
+    def compute(x):
+        return -LigerFusedLinearScaledCrossEntropyFunction.apply(x.hidden, x.weight, x.targets)
+
+    return _runner(compute, inputs, backward)
+
+
 def cce_linear(inputs: Inputs, backward: bool):
     """Apple's Cut Cross-Entropy, `reduction="none"`."""
     _require_module("cut_cross_entropy")
@@ -170,6 +211,7 @@ LINEAR = {
     "trl_chunked": trl_chunked_linear,
     "torch_linear_ce": torch_linear_cross_entropy,
     "liger": liger_linear,
+    "liger_scaled": liger_scaled_linear,
     "cce": cce_linear,
 }
 LOGITS = {

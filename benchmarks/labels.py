@@ -32,6 +32,10 @@ CONTENDERS: dict[str, tuple[str, str]] = {
         "Liger-Kernel FLCE",
         "Liger-Kernel's fused linear cross entropy, `reduction='none'` (Triton, CUDA only)",
     ),
+    "liger_scaled": (
+        "Liger-Kernel fused scaled CE",
+        "Liger-Kernel's fused scaled cross entropy, per-token NLL (its SM90 CuTe DSL kernel; Hopper only)",
+    ),
     "cce": (
         "Cut Cross-Entropy",
         "Apple's Cut Cross-Entropy `linear_cross_entropy`, `reduction='none'` (Triton, CUDA only)",

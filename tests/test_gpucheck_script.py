@@ -1,0 +1,243 @@
+"""`make gpu-check`'s script (benchmarks/gpu_check.py) on the CPU at tiny shapes, so it cannot rot between GPU runs.
+
+The whole run goes through the same code as on a GPU: sarkern's Triton kernels under the interpreter and its torch
+path, the peers that are installed, the scorer against the paper's way, the GPU tests (skipped here), the report.
+Time budgets are scaled up so that a slow machine never turns a section into "skipped": nothing here depends on
+timing. The helpers that decide a section's fate (failure capture, nested time limits, target verdicts) are tested
+directly. (Not named `test_gpu_*.py`: the script runs those, and would run itself.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_check  # noqa: E402
+
+SECTIONS = {"environment", "tests", "ceilings", "linear", "logits", "sequence_perplexity", "scorer"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    no_wheels = tmp_path_factory.mktemp("no-wheels")  # the carried-wheels path, with nothing carried
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("SARKERN_BACKEND", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--budget-scale",
+            "20",
+            "--wheels",
+            str(no_wheels),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (json_path,) = out.glob("*.json")
+    return out, json_path, json.loads(json_path.read_text()), done.stdout
+
+
+def test_tiny_run_writes_both_reports(tiny_run):
+    out, json_path, data, stdout = tiny_run
+    assert json_path.name.startswith("cpu-tiny-") and json_path.name == f"{data['tag']}.json"
+    md = (out / f"{data['tag']}.md").read_text()
+    for heading in ("## DESIGN.md section 4 targets", "## Ceilings", "## GPU tests", "## SAR scoring", "## Contenders"):
+        assert heading in md
+    assert (out / f"{data['tag']}.tests.junit.xml").exists()
+    assert "== summary" in stdout  # the short table the device tool's reply ends with
+    assert "no wheels in" in stdout
+
+
+def test_tiny_run_every_section_ran(tiny_run):
+    _, _, data, _ = tiny_run
+    assert data["mode"] == "tiny"
+    assert {name: s["status"] for name, s in data["sections"].items()} == dict.fromkeys(SECTIONS, "ok")
+    # Every section but the environment ran in a process of its own.
+    assert all("process_seconds" in s for name, s in data["sections"].items() if name != "environment")
+    assert data["versions"]["torch"] and data["sarkern"]["source_digest"] == gpu_check.source_digest()
+    # The GPU tests were collected and skipped for want of CUDA: collected, not lost.
+    tests = data["tests"]
+    assert tests["exit_code"] == 0 and tests["failed"] == tests["errors"] == 0 and tests["skipped"] > 0
+    assert all(name.startswith("test_gpu_") for name in tests["files"])
+
+
+@pytest.mark.parametrize("family", ["linear", "logits"])
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_tiny_run_ops_checked_against_float64(tiny_run, family, mode):
+    _, _, data, _ = tiny_run
+    rows = data["ops"][family][mode]
+    for backend in ("triton", "torch"):
+        row = rows[f"sarkern[{backend}]"]
+        assert row["status"] == "ok", row
+        assert row["check"]["ok"] is True, row["check"]
+        assert row["median_ms"] > 0 and row["peak_extra_mib"] >= 0
+    assert rows["naive"]["status"] == "ok" and rows["naive"]["x_sarkern_time"] > 0
+    # Every peer has a row; one that cannot run here says why instead of crashing the run.
+    import contenders
+
+    assert set(contenders.FAMILIES[family]) - {"sarkern"} <= set(rows)
+    for row in rows.values():
+        assert row["status"] in ("ok", "unavailable"), row
+        assert row["status"] == "ok" or row["reason"]
+
+
+def test_tiny_run_sequence_perplexity_and_scorer(tiny_run):
+    _, _, data, _ = tiny_run
+    for row in data["ops"]["sequence_perplexity"]["forward"].values():
+        assert row["status"] == "ok" and row["check"]["ok"] is True
+    scorer = data["scorer"]["contenders"]
+    assert scorer["paper"]["status"] == "ok"
+    assert scorer["sarkern-sdpa"]["status"] == "ok" and scorer["sarkern-sdpa"]["check"]["ok"] is True
+    assert scorer["sarkern-flex"]["status"] == "unavailable"  # refused on CPU tensors, by name
+
+
+def test_tiny_run_targets_listed_not_judged(tiny_run):
+    _, _, data, _ = tiny_run
+    statuses = {t["what"]: t["status"] for t in data["targets"]}
+    assert len(statuses) == 8
+    assert set(statuses.values()) <= {"not judged (tiny CPU run)", "not measured"}
+    assert statuses["SAR overhead in a GRPO step"] == "not measured"
+
+
+# ---------------------------------------------------------------------------------- the helpers, directly
+
+
+def test_outcome_names_the_kind_of_failure():
+    assert gpu_check.outcome_of(gpu_check.Unavailable("no liger"))["status"] == "unavailable"
+    assert gpu_check.outcome_of(gpu_check.BudgetExceeded("late"))["status"] == "skipped"
+    assert gpu_check.outcome_of(RuntimeError("CUDA out of memory. Tried"))["status"] == "oom"
+    error = gpu_check.outcome_of(ValueError("bad"))
+    assert error["status"] == "error" and "ValueError: bad" in error["reason"]
+
+
+def test_time_limit_stops_python_and_keeps_the_outer_limit():
+    with pytest.raises(gpu_check.BudgetExceeded):
+        with gpu_check.time_limit(0.2):
+            while True:
+                time.sleep(0.01)
+    with pytest.raises(gpu_check.BudgetExceeded):
+        with gpu_check.time_limit(0.5):
+            with gpu_check.time_limit(30):  # the inner limit is capped by the outer one
+                time.sleep(0.01)
+            while True:  # ... which still fires after the inner block ended
+                time.sleep(0.01)
+    with pytest.raises(gpu_check.BudgetExceeded):
+        with gpu_check.time_limit(0):
+            pass
+
+
+def test_a_failing_measurement_is_recorded_and_the_run_goes_on(tmp_path):
+    run = gpu_check.Run(gpu_check.TINY, gpu_check.Device("cpu"), tmp_path, "unit")
+    with run.section("ceilings"):
+        bad = run.measure("boom", lambda: 1 / 0)
+        good = run.measure("fine", lambda: {"median_ms": 1.0})
+        run.data["ceilings"] = {"bad": bad, "good": good}
+    assert bad["status"] == "error" and "ZeroDivisionError" in bad["reason"]
+    assert good == {"status": "ok", "median_ms": 1.0}
+    with run.section("linear"):
+        raise RuntimeError("a whole section failing")
+    with run.section("logits"):
+        run.data["sections"]["logits"]["probe"] = "running while inside"
+        assert run.data["sections"]["logits"]["status"] == "running"  # what a killed section process leaves
+    assert run.data["sections"]["logits"]["status"] == "ok"
+    assert run.data["sections"]["ceilings"]["status"] == "ok"
+    assert run.data["sections"]["linear"]["status"] == "failed"
+    assert "a whole section failing" in run.data["sections"]["linear"]["reason"]
+    assert json.loads((tmp_path / "unit.json").read_text())["sections"]["linear"]["status"] == "failed"
+
+
+def _full_data(fwd_ms, fwd_bwd_ms, extra_mib, logits_ms, scorer_time, scorer_memory):
+    ok = {"status": "ok"}
+    return {
+        "primary_sarkern": "sarkern",
+        "ceilings": {
+            "gemm": {**ok, "forward_ms": 25.0, "three_ms": 75.0},
+            "hbm": {**ok, "read_ceiling_GBps": 3000.0},
+        },
+        "ops": {
+            "linear": {
+                "forward": {"sarkern": {**ok, "median_ms": fwd_ms, "extra_beyond_outputs_mib": extra_mib}},
+                "forward_backward": {"sarkern": {**ok, "median_ms": fwd_bwd_ms, "extra_beyond_outputs_mib": 1.0}},
+            },
+            "logits": {"forward": {"sarkern": {**ok, "median_ms": logits_ms}}},
+        },
+        "scorer": {
+            "auto_backend": "flex",
+            "paper_micro_batch": 8,
+            "contenders": {
+                "paper": {**ok},
+                "sarkern-flex": {**ok, "x_paper_time": scorer_time, "x_paper_memory": scorer_memory},
+            },
+        },
+    }
+
+
+def test_targets_met_and_missed_from_the_measured_ratios():
+    n, v = gpu_check.FULL.logits
+    logits_bytes = n * v * 2  # bf16
+    read_ms_at_90 = logits_bytes / (0.9 * 3000.0 * 1e6)
+    data = _full_data(27.0, 120.0, 100.0, read_ms_at_90, 0.4, 0.3)
+    targets = {t["what"]: t for t in gpu_check.evaluate_targets(data, gpu_check.FULL)}
+    fwd = targets["linear_token_logprobs forward / cuBLAS logits GEMM"]
+    assert fwd["status"] == "met" and fwd["ratio"] == pytest.approx(27.0 / 25.0)
+    fwd_bwd = targets["linear_token_logprobs forward+backward / three cuBLAS GEMMs"]
+    assert fwd_bwd["status"] == "missed" and fwd_bwd["ratio"] == pytest.approx(120.0 / 75.0)
+    memory = "linear_token_logprobs forward extra memory (MiB beyond inputs, outputs, gradients)"
+    assert targets[memory]["status"] == "missed"
+    bandwidth = targets["token_logprobs forward: logits read bandwidth / measured HBM read"]
+    assert bandwidth["status"] == "met" and bandwidth["ratio"] == pytest.approx(0.9)
+    assert targets["SAR scoring time / paper's way"]["status"] == "met"
+    assert targets["SAR scoring peak memory / paper's way"]["status"] == "missed"
+    assert targets["SAR overhead in a GRPO step"]["status"] == "not measured"
+
+
+def test_targets_not_measured_when_a_section_failed():
+    data = _full_data(27.0, 120.0, 1.0, 1.0, 0.4, 0.1)
+    data["ceilings"]["gemm"] = {"status": "error", "reason": "boom"}
+    targets = {t["what"]: t for t in gpu_check.evaluate_targets(data, gpu_check.FULL)}
+    assert targets["linear_token_logprobs forward / cuBLAS logits GEMM"]["status"] == "not measured"
+    assert targets["SAR scoring peak memory / paper's way"]["status"] == "met"
+
+
+def test_outcomes_read_from_an_unfinished_pytest_log():
+    log = (
+        "tests/test_gpu_kernels.py::test_a[16384] PASSED    [ 14%]\n"
+        "tests/test_gpu_kernels.py::test_b FAILED    [ 28%]\n"
+        "tests/test_gpu_flex.py::test_c SKIPPED (needs CUDA)    [ 42%]\n"
+        "tests/test_gpu_flex.py::test_d "
+    )
+    summary = gpu_check._log_summary(log)
+    assert (summary["passed"], summary["failed"], summary["skipped"], summary["errors"]) == (1, 1, 1, 0)
+    assert summary["failures"] == ["tests/test_gpu_kernels.py::test_b: FAILED"] and summary["unfinished"]
+
+
+def test_outcomes_read_from_the_junit_report(tmp_path):
+    report = tmp_path / "tests.junit.xml"
+    report.write_text(
+        '<testsuites><testsuite><testcase classname="tests.t" name="a"><failure message="assert 1 == 2&#10;more">x'
+        '</failure></testcase><testcase classname="tests.t" name="b"/><testcase classname="tests.t" name="c">'
+        '<skipped message="needs CUDA"/></testcase><testcase classname="tests.t" name="d"><error message="boom"/>'
+        "</testcase></testsuite></testsuites>"
+    )
+    summary = gpu_check._junit_summary(report)
+    assert (summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (1, 1, 1, 1)
+    assert summary["failures"] == ["tests.t::a: assert 1 == 2", "tests.t::d: boom"]
+    assert summary["skip_reasons"] == ["needs CUDA"]
