@@ -41,7 +41,8 @@ setup(
         ],
         "bench": ["pytest-benchmark>=4", "matplotlib", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "ruff"],
+        # DeepSpeed (pure Python, ops built on first use) lets the suite test ZeRO-3 on CPU; users of ZeRO-3 install it too.
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "ruff", "deepspeed>=0.16; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["sarkern=sarkern.cli:main"]},
 )
