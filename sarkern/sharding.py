@@ -22,6 +22,7 @@ DTensor, an FSDP1 flat shard, a ZeRO-3 size-0 placeholder) is never read as if i
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -29,7 +30,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["ShardedParameterError", "check_whole_parameters", "detect_engine", "gathered_call"]
+__all__ = [
+    "ShardedParameterError",
+    "check_whole_parameters",
+    "detect_engine",
+    "gathered_call",
+    "run_requested_engine",
+]
 
 T = TypeVar("T")
 
@@ -255,3 +262,55 @@ def _zero3_call(model: nn.Module, fn: Callable[..., T], args: tuple, kwargs: dic
         finally:
             for param in params:
                 param.ds_active_sub_modules.discard(_ZERO3_HOLD)
+
+
+# ------------------------------------------------------------------------------------ the engine accelerate runs
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def run_requested_engine(accelerator: Any, fsdp_plugin_args: dict | None = None) -> bool:
+    """Make ``accelerator`` run the engine ``accelerate launch`` (or ``fsdp_plugin_args``) asked for, or refuse.
+
+    accelerate enables FSDP and DeepSpeed only on accelerators: on CPU processes it silently trains as DDP over gloo
+    (``MULTI_CPU``). FSDP2 itself runs on the CPU (``fully_shard`` over gloo), so a request for it switches the
+    accelerator's state to FSDP with that plugin; FSDP1 (torch's needs an accelerator device) and DeepSpeed are
+    refused by name. Returns True when it switched the accelerator to FSDP2.
+
+    Raises:
+        NotImplementedError: FSDP1 or DeepSpeed asked for where accelerate would silently run DDP instead.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    on_cpu = state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.NO) and state.device.type == "cpu"
+    if not on_cpu:
+        return False  # GPUs (and other accelerators): accelerate runs what was asked
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise NotImplementedError(
+            "DeepSpeed was asked for, but accelerate runs DeepSpeed only on GPUs (or other accelerators): these CPU "
+            "processes would silently train as DDP. Launch on GPUs, or use FSDP2 on the CPU "
+            "(examples/accelerate/fsdp2.yaml)"
+        )
+    if fsdp_plugin_args is None and not _flag("ACCELERATE_USE_FSDP"):
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(fsdp_plugin_args or {}))  # the launcher's FSDP_* settings
+    if plugin.fsdp_version != 2:
+        raise NotImplementedError(
+            f"FSDP{plugin.fsdp_version} was asked for on CPU processes: torch's FSDP1 needs a GPU, and accelerate "
+            "would silently train as DDP. Use FSDP2 (fsdp_version: 2, examples/accelerate/fsdp2.yaml)"
+        )
+    if state.distributed_type == DistributedType.NO:
+        raise NotImplementedError(
+            "FSDP2 was asked for in a single CPU process: there is nothing to shard across. Launch several processes "
+            "(accelerate launch --num_processes 2 ...) or leave FSDP out"
+        )
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # AcceleratorState copies PartialState's fields whenever it is instantiated again: switch both.
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    return True

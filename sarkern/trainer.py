@@ -37,6 +37,7 @@ from .placeholder import PLACEHOLDER_PRESETS, validate_placeholder_preset
 from .rundir import AtomicCheckpoints
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
+from .sharding import FSDP1, gathered_call, run_requested_engine
 
 __all__ = ["TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "check_trl_internals"]
 
@@ -156,9 +157,13 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     log-probs came from the trainer), `sar/seconds` (the slowest process's SAR time) and `sar/step_share` (that over
     the slowest process's step time). SAR is not computed at evaluation.
 
+    Runs under every engine accelerate offers, DDP, FSDP2 and DeepSpeed ZeRO-3: SAR is scored inside the engine's
+    parameter gathering (`sarkern.sharding.gathered_call`). On CPU processes, where accelerate would silently train as
+    DDP instead, FSDP2 is switched on as asked and DeepSpeed is refused (`sarkern.sharding.run_requested_engine`).
+
     Refused by name, because the scorer would not see what the policy sees: tools and environments (completions hold
-    tool results the policy did not sample), `rollout_func`, vision-language processors, FSDP and DeepSpeed ZeRO-3
-    (sharded weights).
+    tool results the policy did not sample), `rollout_func`, vision-language processors; and FSDP1, whose flat
+    parameters hold no whole LM head.
     """
 
     def __init__(self, model, reward_funcs=None, args: SARGRPOConfig | None = None, **kwargs):
@@ -215,20 +220,28 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             lm_head_fp32=bool(args.cast_lm_head_to_fp32),
         )
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # accelerate turns FSDP and DeepSpeed off on CPU processes without a word: run FSDP2 as asked, refuse others.
+        if run_requested_engine(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
     def _refuse_unsupported_setups(self) -> None:
         if self._is_vlm:
             raise NotImplementedError(
                 "SARGRPOTrainer does not support vision-language models: the scorer sees token ids only, not images"
             )
-        if self.is_fsdp_enabled:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
             raise NotImplementedError(
-                "SARGRPOTrainer does not support FSDP yet: the scorer would read sharded weights as whole ones"
+                f"SARGRPOTrainer does not support {FSDP1}: its flat parameters hold no whole LM head to score with. "
+                "Use FSDP2 (accelerate config: fsdp_version: 2, examples/accelerate/fsdp2.yaml)"
             )
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-            raise NotImplementedError(
-                "SARGRPOTrainer does not support DeepSpeed ZeRO-3 yet: the scorer would read partitioned weights"
-            )
+
+    def _score(self, *args, **kwargs):
+        """`sar_scorer.score` inside the parameter gathering of the engine that shards the policy (FSDP2, ZeRO-3)."""
+        scorer = self.sar_scorer
+        return gathered_call(scorer.model, scorer.score, *args, accelerator=self.accelerator, **kwargs)
 
     # --------------------------------------------------------------- capturing what the trainer already computed
 
@@ -388,8 +401,8 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         placeholder_ids = batch.get("placeholder_ids")
         start = time.perf_counter()
         if source is not None and source not in self._sar_verified:
-            fresh = self.sar_scorer.score(batch["prompt_ids"], completion_ids, placeholder_ids=placeholder_ids)
-        scores = self.sar_scorer.score(
+            fresh = self._score(batch["prompt_ids"], completion_ids, placeholder_ids=placeholder_ids)
+        scores = self._score(
             batch["prompt_ids"], completion_ids, cond_logprobs=cond_logprobs, placeholder_ids=placeholder_ids
         )
         seconds = time.perf_counter() - start + batch.get("capture_seconds", 0.0)
