@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,18 +130,12 @@ TRAIN_RUNNER = Path(__file__).with_name("two_process_sharded_train.py")
 CONFIGS = Path(__file__).parents[1] / "examples" / "accelerate"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     ("config", "distributed_type", "engine"),
     [("fsdp2.yaml", "DistributedType.FSDP", "FSDP2"), ("zero3.yaml", "DistributedType.DEEPSPEED", "DeepSpeed ZeRO-3")],
     ids=["fsdp2", "zero3"],
 )
-def test_two_training_steps_score_sar_as_a_single_process_would(tmp_path, config, distributed_type, engine):
+def test_two_training_steps_score_sar_as_a_single_process_would(tmp_path, free_port, config, distributed_type, engine):
     """`sarkern train`'s setup for two GRPO steps under `accelerate launch` with the shipped config, on two CPU
     processes. The engine runs as asked (not DDP), and every SAR value scored under it equals what one process
     without any engine scores for the same completions with the same weights (the bundled model's weights at step 1,
@@ -151,7 +144,7 @@ def test_two_training_steps_score_sar_as_a_single_process_would(tmp_path, config
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port),
         str(TRAIN_RUNNER), str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
