@@ -33,6 +33,7 @@ from torch import nn
 __all__ = [
     "ShardedParameterError",
     "check_whole_parameters",
+    "describe_engine",
     "detect_engine",
     "gathered_call",
     "run_requested_engine",
@@ -269,6 +270,19 @@ def _zero3_call(model: nn.Module, fn: Callable[..., T], args: tuple, kwargs: dic
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def describe_engine(accelerator: Any) -> str:
+    """The engine ``accelerator`` trains with, in words: "DDP", "FSDP2", "DeepSpeed ZeRO-3", "one process"."""
+    state = accelerator.state
+    kind = str(state.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        return f"FSDP{getattr(state.fsdp_plugin, 'fsdp_version', 1)}"
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed ZeRO-{getattr(state.deepspeed_plugin, 'zero_stage', '?')}"
+    if kind.startswith("MULTI_"):
+        return "DDP"
+    return "one process" if kind == "NO" else kind
 
 
 def run_requested_engine(accelerator: Any, fsdp_plugin_args: dict | None = None) -> bool:
