@@ -1,23 +1,31 @@
-"""Scoring a model whose parameters a distributed engine shards: FSDP2, DeepSpeed ZeRO-3.
+"""Scoring a model whose parameters a distributed engine shards (FSDP2, DeepSpeed ZeRO-3), and running the engine
+that was asked for.
 
 :class:`~sarkern.SARScorer` calls the model's backbone directly (not the root module's ``forward``) and reads the
-LM head's weight itself. Engines that shard parameters only make them whole around a module's own ``forward``, so
-scoring must run inside the engine's parameter gathering, which :func:`gathered_call` provides:
+LM head's weight itself. Engines that shard parameters make them whole only around a module's own ``forward``, so
+scoring runs inside the engine's parameter gathering, which :func:`gathered_call` provides:
 
 * plain models and DDP: nothing to gather, the call runs as is;
 * FSDP2 (``fully_shard``, as accelerate applies it): the call runs as a forward of the root module (FSDP2's
   ``register_fsdp_forward_method``), so the root's pre- and post-forward hooks run around it as around any forward;
-  the units that hold the LM head (tied input embeddings included) are unsharded with ``FSDPModule.unshard()`` for
-  the whole call, the decoder layers unshard and reshard themselves in their own hooks, and every unit that was
-  sharded on entry is resharded on exit, so memory returns to what the engine expects;
-* DeepSpeed ZeRO-3: the LM head's parameters (the input embeddings too when tied) are gathered with
-  ``deepspeed.zero.GatheredParameters`` and held for the whole call, while ZeRO-3's own hooks fetch and release the
-  backbone's parameters module by module; the gathered parameters are partitioned again on exit;
+  inside, every FSDP2 unit is unsharded with ``FSDPModule.unshard()`` and kept whole for the call, and every unit
+  that was sharded on entry is resharded with ``FSDPModule.reshard()`` on exit;
+* DeepSpeed ZeRO-3: every parameter is gathered with ``deepspeed.zero.GatheredParameters`` and held for the call
+  (ZeRO-3's module hooks then neither fetch nor release any: a released tied embedding would leave the LM head a
+  placeholder), and partitioned again on exit;
 * FSDP1 (``FullyShardedDataParallel``) and any other parameter sharding (tensor-parallel DTensors) are refused by
   name.
 
+The whole model is gathered once per call rather than layer by layer because each process scores its own batch:
+the packed passes it needs differ from process to process, and a per-layer all-gather inside each pass would leave
+the processes waiting on different collectives. So scoring needs the unsharded model's memory for the call (as
+TRL's generation under ZeRO-3 does by default); memory returns to what the engine holds when the call ends.
+
 :func:`check_whole_parameters` is the guard the scorer runs before every scoring: a sharded LM head (an FSDP2
 DTensor, an FSDP1 flat shard, a ZeRO-3 size-0 placeholder) is never read as if it were whole.
+
+:func:`run_requested_engine`: accelerate turns FSDP off on CPU processes and trains as DDP instead; FSDP2 runs on the
+CPU over gloo, so it is switched back on as asked, and what cannot be (FSDP1, DeepSpeed dropped) is refused.
 """
 
 from __future__ import annotations
