@@ -159,7 +159,7 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
 
     Runs under every engine accelerate offers, DDP, FSDP2 and DeepSpeed ZeRO-3: SAR is scored inside the engine's
     parameter gathering (`sarkern.sharding.gathered_call`). On CPU processes, where accelerate would silently train as
-    DDP instead, FSDP2 is switched on as asked and DeepSpeed is refused (`sarkern.sharding.run_requested_engine`).
+    DDP instead, FSDP2 is switched on as asked; what cannot be is refused (`sarkern.sharding.run_requested_engine`).
 
     Refused by name, because the scorer would not see what the policy sees: tools and environments (completions hold
     tool results the policy did not sample), `rollout_func`, vision-language processors; and FSDP1, whose flat
