@@ -132,14 +132,18 @@ CONFIGS = Path(__file__).parents[1] / "examples" / "accelerate"
 
 @pytest.mark.parametrize(
     ("config", "distributed_type", "engine"),
-    [("fsdp2.yaml", "DistributedType.FSDP", "FSDP2"), ("zero3.yaml", "DistributedType.DEEPSPEED", "DeepSpeed ZeRO-3")],
-    ids=["fsdp2", "zero3"],
+    [
+        ("ddp.yaml", "DistributedType.MULTI_CPU", "none"),
+        ("fsdp2.yaml", "DistributedType.FSDP", "FSDP2"),
+        ("zero3.yaml", "DistributedType.DEEPSPEED", "DeepSpeed ZeRO-3"),
+    ],
+    ids=["ddp", "fsdp2", "zero3"],
 )
 def test_two_training_steps_score_sar_as_a_single_process_would(tmp_path, free_port, config, distributed_type, engine):
     """`sarkern train`'s setup for two GRPO steps under `accelerate launch` with the shipped config, on two CPU
-    processes. The engine runs as asked (not DDP), and every SAR value scored under it equals what one process
-    without any engine scores for the same completions with the same weights (the bundled model's weights at step 1,
-    the updated ones at step 2), within fp32 rounding."""
+    processes. The engine runs as asked (never DDP in place of another), and every SAR value scored under it equals
+    what one process without any engine scores for the same completions with the same weights (the bundled model's
+    weights at step 1, the updated ones at step 2), within fp32 rounding."""
     if engine.startswith("DeepSpeed"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
     cmd = [
