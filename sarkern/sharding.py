@@ -44,6 +44,7 @@ __all__ = [
     "describe_engine",
     "detect_engine",
     "gathered_call",
+    "refuse_fsdp1",
     "run_requested_engine",
 ]
 
@@ -278,6 +279,23 @@ def _zero3_call(model: nn.Module, fn: Callable[..., T], args: tuple, kwargs: dic
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def refuse_fsdp1(fsdp_plugin_args: dict | None = None) -> None:
+    """Raise :class:`NotImplementedError` if ``accelerate launch`` (its ``FSDP_VERSION``) or ``fsdp_plugin_args`` ask
+    for FSDP1: SAR cannot be scored under it (its flat parameters hold no whole LM head). Checked before accelerate
+    starts, which on a machine without GPUs fails on FSDP1 with a message that does not name it."""
+    if fsdp_plugin_args is not None:
+        version = int(fsdp_plugin_args.get("fsdp_version", 1))
+    elif _flag("ACCELERATE_USE_FSDP"):
+        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default
+    else:
+        return
+    if version == 1:
+        raise NotImplementedError(
+            f"SAR scoring does not support {FSDP1} (FullyShardedDataParallel): its flat parameters hold no whole LM "
+            "head to score with. Use FSDP2 (accelerate: --fsdp_version 2, or examples/accelerate/fsdp2.yaml)"
+        )
 
 
 def describe_engine(accelerator: Any) -> str:

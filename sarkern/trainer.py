@@ -37,7 +37,7 @@ from .placeholder import PLACEHOLDER_PRESETS, validate_placeholder_preset
 from .rundir import AtomicCheckpoints
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
-from .sharding import FSDP1, gathered_call, run_requested_engine
+from .sharding import gathered_call, refuse_fsdp1, run_requested_engine
 
 __all__ = ["TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "check_trl_internals"]
 
@@ -221,6 +221,8 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         )
 
     def create_accelerator_and_postprocess(self) -> None:
+        if self.sar_enabled:
+            refuse_fsdp1(self.args.fsdp_plugin_args)
         super().create_accelerator_and_postprocess()
         # accelerate turns FSDP and DeepSpeed off on CPU processes without a word: run FSDP2 as asked, refuse others.
         if run_requested_engine(self.accelerator, self.args.fsdp_plugin_args):
@@ -233,10 +235,7 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             )
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
-            raise NotImplementedError(
-                f"SARGRPOTrainer does not support {FSDP1}: its flat parameters hold no whole LM head to score with. "
-                "Use FSDP2 (accelerate config: fsdp_version: 2, examples/accelerate/fsdp2.yaml)"
-            )
+            refuse_fsdp1({"fsdp_version": plugin.fsdp_version})  # asked for some other way than the two checked first
 
     def _score(self, *args, **kwargs):
         """`sar_scorer.score` inside the parameter gathering of the engine that shards the policy (FSDP2, ZeRO-3)."""

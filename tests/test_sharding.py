@@ -21,6 +21,7 @@ from sarkern.sharding import (
     check_whole_parameters,
     detect_engine,
     gathered_call,
+    refuse_fsdp1,
     run_requested_engine,
 )
 
@@ -236,3 +237,17 @@ def test_nothing_asked_nothing_switched(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     gpu = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.FSDP, device=torch.device("cuda")))
     assert run_requested_engine(gpu) is False
+
+
+def test_fsdp1_is_refused_by_name_before_accelerate_starts(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    refuse_fsdp1(None)  # nothing asked
+    refuse_fsdp1({"fsdp_version": 2})
+    with pytest.raises(NotImplementedError, match="does not support FSDP1.*fsdp_version 2"):
+        refuse_fsdp1({"fsdp_version": 1})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    refuse_fsdp1(None)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(NotImplementedError, match="does not support FSDP1"):
+        refuse_fsdp1(None)
