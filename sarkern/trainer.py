@@ -237,11 +237,6 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
             refuse_fsdp1({"fsdp_version": plugin.fsdp_version})  # asked for some other way than the two checked first
 
-    def _score(self, *args, **kwargs):
-        """`sar_scorer.score` inside the parameter gathering of the engine that shards the policy (FSDP2, ZeRO-3)."""
-        scorer = self.sar_scorer
-        return gathered_call(scorer.model, scorer.score, *args, accelerator=self.accelerator, **kwargs)
-
     # --------------------------------------------------------------- capturing what the trainer already computed
 
     def _sampling_logprobs_exact(self) -> bool:
@@ -398,14 +393,22 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             raise TRLInternalsError(f"TRL {trl.__version__} scores other completions than it generated")
         source, cond_logprobs = self._reusable_cond_logprobs(completion_ids)
         placeholder_ids = batch.get("placeholder_ids")
+        verify = source is not None and source not in self._sar_verified
+        scorer, prompt_ids = self.sar_scorer, batch["prompt_ids"]
+
+        def score() -> tuple[Any, Any]:
+            fresh = None
+            if verify:  # the first batch from a reuse source also runs the conditioned pass, to check it against
+                fresh = scorer.score(prompt_ids, completion_ids, placeholder_ids=placeholder_ids)
+            kwargs = {"cond_logprobs": cond_logprobs, "placeholder_ids": placeholder_ids}
+            return fresh, scorer.score(prompt_ids, completion_ids, **kwargs)
+
         start = time.perf_counter()
-        if source is not None and source not in self._sar_verified:
-            fresh = self._score(batch["prompt_ids"], completion_ids, placeholder_ids=placeholder_ids)
-        scores = self._score(
-            batch["prompt_ids"], completion_ids, cond_logprobs=cond_logprobs, placeholder_ids=placeholder_ids
-        )
+        # One call inside the parameter gathering of the engine that shards the policy (FSDP2, ZeRO-3) on every
+        # process, whatever it scores: the reuse source (hence a verifying pass) may differ from process to process.
+        fresh, scores = gathered_call(scorer.model, score, accelerator=self.accelerator)
         seconds = time.perf_counter() - start + batch.get("capture_seconds", 0.0)
-        if source is not None and source not in self._sar_verified:
+        if verify:
             self._verify_reuse(source, scores.ppl_cond.cpu(), fresh.ppl_cond.cpu(), scores.valid.cpu())
         self._sar_seconds_in_step += seconds
         self.sar_calls["scored"] += 1
