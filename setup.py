@@ -41,7 +41,14 @@ setup(
         ],
         "bench": ["pytest-benchmark>=4", "matplotlib", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "ruff"],
+        # DeepSpeed (pure Python; its ops build on first use) lets the suite test ZeRO-3 on the CPU.
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "pytest-benchmark>=4",
+            "ruff",
+            "deepspeed>=0.16; platform_system == 'Linux'",
+        ],
     },
     entry_points={"console_scripts": ["sarkern=sarkern.cli:main"]},
 )

@@ -326,6 +326,7 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
     from .backends import requested_backend
     from .metrics import MetricsCallback, QuietProgressCallback, plot_metrics
     from .rundir import RunDirectory, RunDirError, check_writable, checkpoint_step, newest_checkpoint, read_run_record
+    from .sharding import describe_engine
 
     output_dir = Path(options.output_dir)
     try:
@@ -362,7 +363,8 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgressCallback)
         where = f"resuming from {checkpoint}" if checkpoint else "starting"
-        say(f"{where}; {trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}")
+        engine = describe_engine(trainer.accelerator)  # what runs, never silently another engine than asked
+        say(f"{where}; {trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device} ({engine})")
         try:
             if checkpoint is not None and checkpoint_step(checkpoint) >= options.steps:
                 trainer._load_from_checkpoint(str(checkpoint))  # stopped after its last step: nothing to train

@@ -38,6 +38,7 @@ from .attention import (
 from .ops import check_temperature, sequence_perplexity
 from .placeholder import PlaceholderPrompts, is_conversation, validate_placeholder_preset, validate_token_ids
 from .sar import sar_reward_from_nll, validate_sar_options
+from .sharding import check_whole_parameters, gathered_call
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -257,7 +258,7 @@ class SARScorer:
             )
         self.lm_head: nn.Linear = head
         embeddings = model.get_input_embeddings()
-        self.vocab_size = min(int(embeddings.num_embeddings), int(head.weight.shape[0]))
+        self.vocab_size = min(int(embeddings.num_embeddings), int(head.out_features))  # a ZeRO-3 weight has shape (0,)
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._attention_name = register_attention()
 
@@ -486,6 +487,7 @@ class SARScorer:
                 prefix + completion longer than the model's ``max_position_embeddings``, malformed ``cond_logprobs``,
                 or (with ``empty_completions="raise"``) an empty completion.
         """
+        check_whole_parameters(self.model)  # never a sharded LM head read as whole (sarkern.sharding)
         prompts = self._sequences(prompt_ids, prompt_mask, "prompt_ids", allow_empty=False)
         completions = self._sequences(completion_ids, completion_mask, "completion_ids", allow_empty=True)
         batch = len(completions)
@@ -735,7 +737,10 @@ class SelfAlignedReward:
         placeholder_ids = None
         if self.scorer.sar_options["use_comparison"]:
             placeholder_ids = self.scorer.placeholder_prompts.for_prompts(prompts)
-        scores = self.scorer.score(prompt_ids, completion_ids, placeholder_ids=placeholder_ids)
+        # Inside the parameter gathering of FSDP2 / DeepSpeed ZeRO-3 when the policy is sharded.
+        scores = gathered_call(
+            self.scorer.model, self.scorer.score, prompt_ids, completion_ids, placeholder_ids=placeholder_ids
+        )
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and bool(scores.valid.any()):
             log_metric("sar/ppl_cond", float(scores.ppl_cond[scores.valid].mean()))

@@ -37,6 +37,7 @@ from .placeholder import PLACEHOLDER_PRESETS, validate_placeholder_preset
 from .rundir import AtomicCheckpoints
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
+from .sharding import gathered_call, refuse_fsdp1, run_requested_engine
 
 __all__ = ["TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "check_trl_internals"]
 
@@ -156,9 +157,13 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     log-probs came from the trainer), `sar/seconds` (the slowest process's SAR time) and `sar/step_share` (that over
     the slowest process's step time). SAR is not computed at evaluation.
 
+    Runs under every engine accelerate offers, DDP, FSDP2 and DeepSpeed ZeRO-3: SAR is scored inside the engine's
+    parameter gathering (`sarkern.sharding.gathered_call`). On CPU processes, where accelerate would silently train as
+    DDP instead, FSDP2 is switched on as asked; what cannot be is refused (`sarkern.sharding.run_requested_engine`).
+
     Refused by name, because the scorer would not see what the policy sees: tools and environments (completions hold
-    tool results the policy did not sample), `rollout_func`, vision-language processors, FSDP and DeepSpeed ZeRO-3
-    (sharded weights).
+    tool results the policy did not sample), `rollout_func`, vision-language processors; and FSDP1, whose flat
+    parameters hold no whole LM head.
     """
 
     def __init__(self, model, reward_funcs=None, args: SARGRPOConfig | None = None, **kwargs):
@@ -215,20 +220,22 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             lm_head_fp32=bool(args.cast_lm_head_to_fp32),
         )
 
+    def create_accelerator_and_postprocess(self) -> None:
+        if self.sar_enabled:
+            refuse_fsdp1(self.args.fsdp_plugin_args)
+        super().create_accelerator_and_postprocess()
+        # accelerate turns FSDP and DeepSpeed off on CPU processes without a word: run FSDP2 as asked, refuse others.
+        if run_requested_engine(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
     def _refuse_unsupported_setups(self) -> None:
         if self._is_vlm:
             raise NotImplementedError(
                 "SARGRPOTrainer does not support vision-language models: the scorer sees token ids only, not images"
             )
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "SARGRPOTrainer does not support FSDP yet: the scorer would read sharded weights as whole ones"
-            )
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-            raise NotImplementedError(
-                "SARGRPOTrainer does not support DeepSpeed ZeRO-3 yet: the scorer would read partitioned weights"
-            )
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
+            refuse_fsdp1({"fsdp_version": plugin.fsdp_version})  # asked for some other way than the two checked first
 
     # --------------------------------------------------------------- capturing what the trainer already computed
 
@@ -386,14 +393,22 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             raise TRLInternalsError(f"TRL {trl.__version__} scores other completions than it generated")
         source, cond_logprobs = self._reusable_cond_logprobs(completion_ids)
         placeholder_ids = batch.get("placeholder_ids")
+        verify = source is not None and source not in self._sar_verified
+        scorer, prompt_ids = self.sar_scorer, batch["prompt_ids"]
+
+        def score() -> tuple[Any, Any]:
+            fresh = None
+            if verify:  # the first batch from a reuse source also runs the conditioned pass, to check it against
+                fresh = scorer.score(prompt_ids, completion_ids, placeholder_ids=placeholder_ids)
+            kwargs = {"cond_logprobs": cond_logprobs, "placeholder_ids": placeholder_ids}
+            return fresh, scorer.score(prompt_ids, completion_ids, **kwargs)
+
         start = time.perf_counter()
-        if source is not None and source not in self._sar_verified:
-            fresh = self.sar_scorer.score(batch["prompt_ids"], completion_ids, placeholder_ids=placeholder_ids)
-        scores = self.sar_scorer.score(
-            batch["prompt_ids"], completion_ids, cond_logprobs=cond_logprobs, placeholder_ids=placeholder_ids
-        )
+        # One call inside the parameter gathering of the engine that shards the policy (FSDP2, ZeRO-3) on every
+        # process, whatever it scores: the reuse source (hence a verifying pass) may differ from process to process.
+        fresh, scores = gathered_call(scorer.model, score, accelerator=self.accelerator)
         seconds = time.perf_counter() - start + batch.get("capture_seconds", 0.0)
-        if source is not None and source not in self._sar_verified:
+        if verify:
             self._verify_reuse(source, scores.ppl_cond.cpu(), fresh.ppl_cond.cpu(), scores.valid.cpu())
         self._sar_seconds_in_step += seconds
         self.sar_calls["scored"] += 1

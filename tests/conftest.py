@@ -5,8 +5,19 @@ defined, so TRITON_INTERPRET must be set before `sarkern.kernels` is first impor
 """
 
 import os
+import socket
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free right now, for a multi-process launch's rendezvous (the default 29500 collides when two
+    suites run on one machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

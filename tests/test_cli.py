@@ -96,19 +96,20 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert (out / "checkpoint-4").is_dir() and (out / "metrics.png").is_file() and (out / "final").is_dir()
 
 
-def test_two_processes_under_accelerate(tmp_path):
-    """Two processes (DDP over gloo) on the CPU. accelerate's `--cpu` flag runs a single process (its multi-CPU
-    launcher needs MPI), so the processes come from its torchrun launcher, which `--multi_gpu` selects and which
-    falls back to CPU and gloo without CUDA."""
+def test_two_processes_under_accelerate(tmp_path, free_port):
+    """Two processes (DDP over gloo) on the CPU, with the shipped DDP config (examples/accelerate/ddp.yaml).
+    accelerate's `--cpu` flag runs a single process (its multi-CPU launcher needs MPI), so the processes come from its
+    torchrun launcher, which the config's MULTI_GPU selects and which falls back to CPU and gloo without CUDA."""
     out = tmp_path / "run"
+    config = Path(__file__).parents[1] / "examples" / "accelerate" / "ddp.yaml"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(free_port),
         "-m", "sarkern.cli", "train", "--steps", "2", "--output-dir", str(out), *QUICK,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    assert "2 process(es) on cpu" in done.stdout and "(DDP)" in done.stdout  # the engine asked for
     assert _steps(out / "metrics.jsonl") == [1, 2]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert "rewards/sar/mean" in record and "sar/ppl_uncond" in record

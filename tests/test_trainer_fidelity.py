@@ -268,13 +268,13 @@ def test_setups_the_scorer_cannot_see_are_refused(tmp_path, name):
 TWO_PROCESS_SCRIPT = Path(__file__).with_name("two_process_sar_run.py")
 
 
-def test_sar_metrics_are_reduced_over_processes(tmp_path):
+def test_sar_metrics_are_reduced_over_processes(tmp_path, free_port):
     """Two processes (DDP over gloo on the CPU, see test_cli.py): the logged sar/ppl_cond and sar/ppl_uncond are the
     means over both processes' completions, sar/seconds the slower process's time."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(TWO_PROCESS_SCRIPT), str(tmp_path),
+        "--main_process_port", str(free_port), str(TWO_PROCESS_SCRIPT), str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
