@@ -148,8 +148,9 @@ def test_soft_capped_scores(window, eager_flex):
     tol = assert_attention_close(out, q, k, v, layout, 0.4, window, softcap=1.5)
     uncapped = dense_reference(q, k, v, layout, 0.4, window)
     assert (out.double() - uncapped).abs().max() > 100 * tol
-    with pytest.raises(NotImplementedError, match="only attention_backend='flex'"):
-        run_attention(layout, "sdpa", q, k, v, window, softcap=1.5)
+    sdpa = run_attention(layout, "sdpa", q, k, v, window, softcap=1.5)  # the explicit soft-capped path
+    assert_attention_close(sdpa, q, k, v, layout, 0.4, window, softcap=1.5)
+    torch.testing.assert_close(out, sdpa, rtol=0, atol=2 * tol)
     with pytest.raises(ValueError, match="softcap must be positive"):
         run_attention(layout, "flex", q, k, v, window, softcap=0.0)
 

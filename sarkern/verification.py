@@ -1,0 +1,218 @@
+"""Proof, on the model itself, that the scorer's packed shared-prefix forward equals per-sample forwards.
+
+Instead of an allow-list of architectures, :func:`verify_scorer` runs a short probe the first time a scorer scores
+(and again whenever the model's config, dtype, device or the scorer's precision settings change): two prefixes with
+two completions each, one of the prefixes and one completion longer than the model's smallest sliding window when it
+has one. It compares the per-token log-probs of the scorer's packed path (backbone with the shared-prefix attention,
+LM head, logit scaling and soft-capping folded into the fused op) with those of plain per-sample forwards
+``model(prefix + completion).logits``, in the model's own precision, within a bound derived from that precision
+(:func:`probe_tolerance`). A model that does not match is refused with the cause named:
+
+* its attention never reached the shared-prefix attention (it does not dispatch through transformers'
+  ``AttentionInterface``),
+* its logits are not what the scorer computes from the backbone's last hidden state (an unknown logit transform),
+* or the packed forward itself differs (attention, positions, or state that crosses sequences).
+
+Results are cached per model object (weakly) and per fingerprint of what the probe depends on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .model_support import UnsupportedModelError
+from .packing import Pair, build_pass, plan_passes
+
+if TYPE_CHECKING:
+    from .scorer import SARScorer
+
+__all__ = ["probe_tolerance", "verify_scorer"]
+
+# model -> {fingerprint: None (verified) or the reason it was refused}
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[str, str | None]] = weakref.WeakKeyDictionary()
+
+# Unit roundoff of the formats a forward may store its activations in.
+_UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+
+def _fingerprint(scorer: SARScorer) -> str:
+    configs = [json.dumps(c.to_dict(), sort_keys=True, default=str) for c in scorer.configs()]
+    weight = scorer.lm_head.weight
+    return json.dumps(
+        [
+            configs,
+            [c._attn_implementation for c in scorer.configs()],
+            scorer.attention_backend,
+            str(weight.dtype),
+            str(weight.device),
+            str(scorer.autocast_dtype),
+            scorer.forward_context is not None,
+            scorer.lm_head_fp32,
+        ]
+    )
+
+
+def verify_scorer(scorer: SARScorer) -> None:
+    """Run the probe once per model and fingerprint; raise :class:`UnsupportedModelError` naming the cause when the
+    packed forward does not reproduce per-sample forwards."""
+    key = _fingerprint(scorer)
+    results = _VERIFIED.setdefault(scorer.model, {})
+    if key not in results:
+        results[key] = _probe(scorer)
+    if results[key] is not None:
+        raise UnsupportedModelError(results[key])
+
+
+def _smallest_window(scorer: SARScorer) -> int | None:
+    windows = []
+    for config in scorer.configs():
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        window = getattr(config, "sliding_window", None)
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            windows.append(window)
+    return min(windows, default=None)
+
+
+def _probe_sequences(scorer: SARScorer) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Pair]]:
+    """Two prefixes, two completions each (one of a single token); with a sliding window ``w``, the second prefix
+    is longer than ``w`` and its long completion runs ``w + 2`` tokens past it, so the window cuts into both."""
+    window = _smallest_window(scorer)
+    prefix_lengths = [3, 4 if window is None else window + 1]
+    completion_lengths = [5, 1, 1, 3 if window is None else window + 2]
+    if scorer.max_positions is not None:  # shrink to the model's positions (tiny models)
+        room = scorer.max_positions - prefix_lengths[1]
+        completion_lengths[3] = max(1, min(completion_lengths[3], room))
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(0, scorer.vocab_size, (n,), generator=generator)  # noqa: E731
+    prefixes = [draw(n) for n in prefix_lengths]
+    completions = [draw(n) for n in completion_lengths]
+    pairs = [Pair(0, 0), Pair(0, 1), Pair(1, 2), Pair(1, 3)]
+    return prefixes, completions, pairs
+
+
+def probe_tolerance(scorer: SARScorer, compute_dtype: torch.dtype, logit_scale: float, max_len: int) -> float:
+    """How far two forwards that compute the same function may put a token's log-prob apart, to first order.
+
+    The forward is a chain of ``3 L + 1`` stages (per layer attention, MLP and norm, then the LM head). Each stage
+    sums at most ``n`` products (``n``: the widest ``nn.Linear`` input, the head size, the sequence length), in fp32
+    (fp64 for a float64 model), off by at most ``n u_acc`` of the stage's scale (Higham, section 3.1), and stores its
+    output in the compute dtype, off by ``u_store`` more (0 for fp32: its sums are the rounding already). Measured
+    against the logits' scale the errors add along the residual stream; a log-prob ``z_t - logsumexp(z)`` moves by
+    at most twice the largest logit error, and the two forwards compared each carry such an error (factor 2 again).
+    """
+    config = scorer.text_config
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):  # the longest stack of blocks in the backbone
+        layers = max((len(m) for m in scorer.backbone.modules() if isinstance(m, nn.ModuleList)), default=1)
+    widest = max_len
+    for module in scorer.model.modules():
+        if isinstance(module, nn.Linear):
+            widest = max(widest, module.in_features)
+    for name in ("hidden_size", "intermediate_size", "moe_intermediate_size", "head_dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            widest = max(widest, value)
+    u_acc = _UNIT_ROUNDOFF[torch.float64] if compute_dtype == torch.float64 else _UNIT_ROUNDOFF[torch.float32]
+    u_store = 0.0 if compute_dtype in (torch.float32, torch.float64) else _UNIT_ROUNDOFF.get(compute_dtype, 2.0**-8)
+    stages = 3 * layers + 1
+    return 4 * stages * (widest * u_acc + u_store) * max(1.0, logit_scale)
+
+
+def _reference(scorer: SARScorer, sequences: list[torch.Tensor], completion_lengths: list[int]):
+    """Per-token log-probs of the completions from plain per-sample forwards, and the largest |logit| seen."""
+    logprobs, scale = [], 0.0
+    for ids, n in zip(sequences, completion_lengths):
+        logits = scorer.model(input_ids=ids.unsqueeze(0).to(scorer.device), use_cache=False).logits[0].float()
+        scale = max(scale, float(logits.abs().max()))
+        rows = torch.log_softmax(logits[len(ids) - n - 1 : len(ids) - 1], dim=-1)
+        logprobs.append(rows.gather(-1, ids[len(ids) - n :].unsqueeze(-1).to(rows.device)).squeeze(-1).cpu())
+    return logprobs, scale
+
+
+def _head_only(scorer: SARScorer, sequences: list[torch.Tensor], completion_lengths: list[int]) -> list[torch.Tensor]:
+    """Per-token log-probs the scorer's head computes from the backbone's own per-sample forwards."""
+    out = []
+    for ids, n in zip(sequences, completion_lengths):
+        outputs = scorer.backbone(input_ids=ids.unsqueeze(0).to(scorer.device), use_cache=False)
+        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+        rows = hidden[0, len(ids) - n - 1 : len(ids) - 1]
+        out.append(scorer.head_logprobs(rows, ids[len(ids) - n :].to(scorer.device), temperature=1.0).cpu())
+    return out
+
+
+def _worst(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[float, int, int]:
+    worst = (0.0, 0, 0)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        diff = (a.double() - e.double()).abs()
+        diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
+        j = int(diff.argmax())
+        if float(diff[j]) > worst[0]:
+            worst = (float(diff[j]), i, j)
+    return worst
+
+
+def _probe(scorer: SARScorer) -> str | None:
+    """None when the packed forward reproduces per-sample forwards on the probe; else the reason."""
+    name = type(scorer.model).__name__
+    prefixes, completions, pairs = _probe_sequences(scorer)
+    sequences = [torch.cat([prefixes[p.prefix], completions[p.completion]]) for p in pairs]
+    lengths = [len(completions[p.completion]) for p in pairs]
+    with scorer.scoring_mode(shared_prefix=False):
+        reference, scale = _reference(scorer, sequences, lengths)
+        device_type = scorer.device.type
+        compute_dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else scorer.lm_head.weight.dtype
+        )
+    packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    calls = 0
+    with scorer.scoring_mode(shared_prefix=True):
+        plan = plan_passes(pairs, prefixes, completions, 1 << 62, regime=scorer.rope_regime, feed_last=scorer.feed_last)
+        for members in plan:
+            pack = build_pass(
+                [pairs[j] for j in members], prefixes, completions, scorer.attention_backend, feed_last=scorer.feed_last
+            )
+            per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
+            calls += pack.layout.calls
+            for s, j in enumerate(members):
+                packed[j] = per_token[pack.segment_ids == s]
+    if calls == 0:
+        return (
+            f"{name}'s attention layers never called sarkern's shared-prefix attention: they do not dispatch through "
+            "transformers' AttentionInterface on config._attn_implementation, so the packed forward would let "
+            "sequences attend to each other"
+        )
+    tol = probe_tolerance(scorer, compute_dtype, scale, max(map(len, sequences)))
+    error, i, j = _worst(packed, reference)
+    if error <= tol:
+        return None
+    where = f"probe sequence {i} (prefix {len(sequences[i]) - lengths[i]} + completion {lengths[i]} tokens), token {j}"
+    with scorer.scoring_mode(shared_prefix=False):
+        head_error, _, _ = _worst(_head_only(scorer, sequences, lengths), reference)
+    transform = scorer.logit_transform
+    if head_error > tol:
+        return (
+            f"{name}'s logits are not what SARScorer computes from its backbone's last hidden state (LM head, then "
+            f"logit multiplier {transform.multiplier:g} and final soft-cap {transform.softcap} read from the "
+            f"config): log-probs differ by {head_error:.3g} (tolerance {tol:.3g}); the model transforms its logits "
+            "in a way the scorer does not know"
+        )
+    layers = getattr(scorer.text_config, "num_hidden_layers", "?")
+    return (
+        f"{name}'s packed shared-prefix forward differs from per-sample forwards by {error:.3g} in a token's log-prob "
+        f"(tolerance {tol:.3g}, {where}); the shared-prefix attention ran {calls} times for {layers} layers "
+        f"(attention backend {scorer.attention_backend!r}). Something in the model (its attention, its positions, or "
+        "state shared across the packed row) does not follow the layout"
+    )
