@@ -19,6 +19,7 @@ from test_scorer import PLACEHOLDER, assert_ppl_close, mixed_batch, tolerance
 from sarkern import attention, flex
 from sarkern.attention import AttentionSegment, PackedLayout, shared_prefix_attention
 from sarkern.scorer import SARScorer
+from sarkern.verification import verify_scorer
 
 # Two groups: prefix 5 with completions of 7, 0 and 3 rows; prefix 1 with one of 4 rows and a one-row completion.
 MIXED = PackedLayout(
@@ -194,7 +195,10 @@ def test_scorer_on_flex_matches_naive_forwards_and_sdpa(arch, eager_flex):
     assert arch in ARCHITECTURES
     model = tiny_model(arch)
     prompts, completions = mixed_batch(seed=11)
-    scores = SARScorer(model, placeholder_ids=PLACEHOLDER, attention_backend="flex").score(prompts, completions)
+    scorer = SARScorer(model, placeholder_ids=PLACEHOLDER, attention_backend="flex")
+    verify_scorer(scorer)  # the first-use probe runs on flex too
+    eager_flex.clear()
+    scores = scorer.score(prompts, completions)
     assert len(eager_flex) == model.config.num_hidden_layers  # both halves in one pass: one call per layer
     tol = tolerance(model, prompts, completions)
     assert_ppl_close(scores.ppl_cond, [naive_perplexity(model, p, c) for p, c in zip(prompts, completions)], tol)
