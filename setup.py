@@ -41,7 +41,7 @@ setup(
         ],
         "bench": ["pytest-benchmark>=4", "matplotlib", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "ruff"],
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "ruff", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["sarkern=sarkern.cli:main"]},
 )

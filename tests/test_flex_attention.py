@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 from attention_reference import assert_attention_close, dense_layout_mask, dense_reference
-from scorer_models import ARCHITECTURES, naive_perplexity, tiny_model
+from scorer_models import FAMILIES, naive_perplexity, tiny_family_model, tiny_model
 from test_scorer import PLACEHOLDER, assert_ppl_close, mixed_batch, tolerance
 
 from sarkern import attention, flex
@@ -190,10 +190,12 @@ def test_compilation_failure_is_reported_by_name(monkeypatch):
         run_attention(MIXED, "flex", q, k, v, None)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen2-sliding", "qwen3-sliding"])
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen2-sliding", "qwen3-sliding", "gemma3", "gemma2"])
 def test_scorer_on_flex_matches_naive_forwards_and_sdpa(arch, eager_flex):
-    assert arch in ARCHITECTURES
-    model = tiny_model(arch)
+    """Scorer level, on the flex backend (run eagerly, test-only, at tiny shapes): Gemma3's sliding and global layers
+    with two RoPE bases, Gemma2's soft-capped attention scores (FlexAttention's score_mod)."""
+    assert arch in FAMILIES
+    model = tiny_family_model(arch)
     prompts, completions = mixed_batch(seed=11)
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER, attention_backend="flex")
     verify_scorer(scorer)  # the first-use probe runs on flex too
