@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 
@@ -29,3 +30,21 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def soft_cap(z, cap):
+    """`cap * tanh(z / cap)` (Gemma 2's final-logit soft-capping) in fp32.
+
+    Built from `exp` of a non-positive argument, so it never overflows and maps +-inf to +-cap; Triton's interpreter
+    has no tanh. Its absolute error is a few units of fp32 rounding times `cap`, which the op tests account for."""
+    e = tl.exp(-2.0 * tl.abs(z / cap))
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def soft_cap_slope(capped, cap):
+    """d capped / d z = 1 - tanh^2, from the capped value itself."""
+    t = capped / cap
+    return 1.0 - t * t

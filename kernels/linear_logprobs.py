@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dot_upcast, interpreting
+from ._common import dot_precision, dot_upcast, interpreting, soft_cap, soft_cap_slope
 
 
 @triton.jit
@@ -36,14 +36,17 @@ def _logits_tile(
     stride_hn,
     stride_wv,
     inv_temperature,
+    softcap,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """fp32 `(hidden[rows] @ weight[cols].T + bias[cols]) / T`, with -inf in the columns past the vocabulary."""
+    """fp32 `(hidden[rows] @ weight[cols].T + bias[cols]) / T`, soft-capped before the division with SOFTCAP, and
+    -inf in the columns past the vocabulary."""
     row_mask = rows < n_tokens
     col_mask = cols < vocab
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
@@ -62,6 +65,8 @@ def _logits_tile(
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        acc = soft_cap(acc, softcap)
     return tl.where(col_mask[None, :], acc * inv_temperature, float("-inf"))
 
 
@@ -81,8 +86,10 @@ def _partial_kernel(
     stride_hn,
     stride_wv,
     inv_temperature,
+    softcap,
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -115,7 +122,9 @@ def _partial_kernel(
             stride_hn,
             stride_wv,
             inv_temperature,
+            softcap,
             HAS_BIAS,
+            SOFTCAP,
             UPCAST,
             PRECISION,
             BLOCK_N,
@@ -155,7 +164,9 @@ def _combine_kernel(
     segment_sums_ptr,
     segment_counts_ptr,
     n_tokens,
+    vocab,
     num_splits,
+    num_segments,
     ignore_index,
     RETURN_ENTROPY: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
@@ -179,7 +190,9 @@ def _combine_kernel(
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = targets != ignore_index
     # (x - max) - log sum, not x - lse: lse is only as fine as the spacing of fp32 at the max logit.
-    logprobs = tl.where(valid, (target_x - shift) - log_total, 0.0)
+    logprobs = (target_x - shift) - log_total
+    # A target id outside the vocabulary (possible when the caller skipped the id check) gives NaN, never a value.
+    logprobs = tl.where(valid, tl.where((targets < 0) | (targets >= vocab), float("nan"), logprobs), 0.0)
     tl.store(lse_ptr + rows, shift + log_total, mask=row_mask)
     tl.store(logprobs_ptr + rows, logprobs, mask=row_mask)
     if RETURN_ENTROPY:
@@ -189,7 +202,8 @@ def _combine_kernel(
         tl.store(entropy_ptr + rows, tl.where(valid, log_total - t_total / total, 0.0), mask=row_mask)
     if HAS_SEGMENTS:
         segments = tl.load(segment_ids_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
-        counted = row_mask & (segments >= 0) & valid
+        # Ids past the last segment are dropped, never written out of bounds (callers may skip the id check).
+        counted = row_mask & (segments >= 0) & (segments < num_segments) & valid
         tl.atomic_add(segment_sums_ptr + segments, logprobs, mask=counted)
         tl.atomic_add(segment_counts_ptr + segments, tl.where(counted, 1.0, 0.0), mask=counted)
 
@@ -213,8 +227,10 @@ def _grad_logits_kernel(
     stride_gn,
     col_offset,
     inv_temperature,
+    softcap,
     ignore_index,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -237,7 +253,9 @@ def _grad_logits_kernel(
         stride_hn,
         stride_wv,
         inv_temperature,
+        softcap,
         HAS_BIAS,
+        SOFTCAP,
         UPCAST,
         PRECISION,
         BLOCK_N,
@@ -255,10 +273,13 @@ def _grad_logits_kernel(
         g_entropy = tl.where(valid, tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0), 0.0)
         entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
         grad_x -= g_entropy[:, None] * tl.where(p > 0, p * (log_p + entropy[:, None]), 0.0)
+    grad_x *= inv_temperature
+    if SOFTCAP:
+        grad_x *= soft_cap_slope(x / inv_temperature, softcap)
     out = grad_logits_ptr + rows[:, None] * stride_gn + cols[None, :]
     tl.store(
         out,
-        (grad_x * inv_temperature).to(grad_logits_ptr.dtype.element_ty),
+        grad_x.to(grad_logits_ptr.dtype.element_ty),
         mask=row_mask[:, None] & (cols[None, :] < vocab),
     )
 
@@ -290,6 +311,7 @@ def linear_logprobs_forward(
     return_entropy: bool,
     segment_ids: torch.Tensor | None = None,
     num_segments: int = 0,
+    softcap: float = 0.0,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token fp32 (logprobs, entropy or empty, lse, segment_sums, segment_counts) for `hidden [N, D]`.
@@ -334,8 +356,10 @@ def linear_logprobs_forward(
         hidden.stride(0),
         weight.stride(0),
         1.0 / temperature,
+        softcap or 1.0,
         tiles_per_split,
         HAS_BIAS=bias is not None,
+        SOFTCAP=bool(softcap),
         RETURN_ENTROPY=return_entropy,
         UPCAST=dot_upcast(hidden.dtype),
         PRECISION=dot_precision(hidden.dtype),
@@ -359,7 +383,9 @@ def linear_logprobs_forward(
         segment_sums,
         segment_counts,
         n_tokens,
+        vocab,
         splits,
+        num_segments,
         ignore_index,
         RETURN_ENTROPY=return_entropy,
         HAS_SEGMENTS=has_segments,
@@ -383,6 +409,7 @@ def linear_logprobs_grad_logits(
     temperature: float,
     ignore_index: int,
     col_offset: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Write (and return) `d loss / d logits` of the chunk `hidden [n, D]` x `weight [v, D]` into `out [n, v]`
     (a view with a contiguous last dim). Per-token tensors are the chunk's slices; `weight` holds the vocabulary
@@ -410,8 +437,10 @@ def linear_logprobs_grad_logits(
         out.stride(0),
         col_offset,
         1.0 / temperature,
+        softcap or 1.0,
         ignore_index,
         HAS_BIAS=bias is not None,
+        SOFTCAP=bool(softcap),
         HAS_GRAD_ENTROPY=has_grad_entropy,
         UPCAST=dot_upcast(hidden.dtype),
         PRECISION=dot_precision(hidden.dtype),
@@ -442,6 +471,7 @@ def linear_logprobs_backward(
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of hidden, weight and bias (empty when not needed): each `[tokens, vocab]` tile of logit gradients,
     written in the input dtype by `_grad_logits_kernel` into one reused buffer, feeds two tensor-core GEMMs. The
@@ -477,6 +507,7 @@ def linear_logprobs_backward(
                 temperature,
                 ignore_index,
                 col_offset=v0,
+                softcap=softcap,
             )
             if needs_hidden_grad:
                 hidden_acc += grad_tile @ w

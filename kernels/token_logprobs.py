@@ -11,6 +11,8 @@ index is ever dereferenced and a bad target cannot cause an out-of-bounds read.
 
 Backward: with `p = softmax(x)`, d log p(target) / dx = onehot - p and d entropy / dx = -p * (log p + entropy);
 both are divided by T for the gradient with respect to the logits.
+
+Soft-capping (`SOFTCAP`): `x = cap * tanh(logit / cap) / T`; the backward multiplies by `1 - tanh^2`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import interpreting, soft_cap, soft_cap_slope
 
 
 @triton.jit
@@ -27,6 +29,16 @@ def _row_offset(row, rows_inner, stride_outer, stride_inner):
     # Rows are the flattened leading dims [outer, inner] of a possibly strided `[..., V]` tensor, so that slices
     # like `logits[:, :-1]` are read in place.
     return (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
+
+
+@triton.jit
+def _scaled_logits(row_ptr, cols, vocab, inv_temperature, softcap, SOFTCAP: tl.constexpr):
+    """fp32 `x = logits / T` (soft-capped first with SOFTCAP) of one block of a row; -inf past the vocabulary."""
+    mask = cols < vocab
+    z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    if SOFTCAP:
+        z = tl.where(mask, soft_cap(z, softcap), float("-inf"))
+    return z * inv_temperature
 
 
 @triton.jit
@@ -41,8 +53,10 @@ def _token_logprobs_fwd_kernel(
     stride_outer,
     stride_inner,
     inv_temperature,
+    softcap,
     ignore_index,
     RETURN_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -55,7 +69,7 @@ def _token_logprobs_fwd_kernel(
     target_x = tl.zeros((), tl.float32)
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+        x = _scaled_logits(row_ptr, cols, vocab, inv_temperature, softcap, SOFTCAP)
         m_new = tl.maximum(m, tl.max(x, 0))
         # While every value so far is -inf, shift by 0 instead of -inf to keep exp() away from NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -70,9 +84,12 @@ def _token_logprobs_fwd_kernel(
 
     log_s = tl.log(s)
     valid = target != ignore_index
+    logprob = (target_x - m) - log_s
+    # A target id outside the vocabulary (possible when the caller skipped the id check) gives NaN, never a value.
+    logprob = tl.where((target < 0) | (target >= vocab), float("nan"), logprob)
     tl.store(lse_ptr + row, m + log_s)
     # (x - m) - log s, not x - lse: forming lse first would round it to the spacing of fp32 at |m|.
-    tl.store(logprobs_ptr + row, tl.where(valid, (target_x - m) - log_s, 0.0))
+    tl.store(logprobs_ptr + row, tl.where(valid, logprob, 0.0))
     if RETURN_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - t / s, 0.0))
 
@@ -91,8 +108,10 @@ def _token_logprobs_bwd_kernel(
     stride_outer,
     stride_inner,
     inv_temperature,
+    softcap,
     ignore_index,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -108,7 +127,7 @@ def _token_logprobs_bwd_kernel(
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
         mask = cols < vocab
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+        x = _scaled_logits(row_ptr, cols, vocab, inv_temperature, softcap, SOFTCAP)
         log_p = x - lse
         # Ignored rows contribute nothing, also when every logit is -inf (lse = -inf would make p NaN).
         p = tl.where(valid, tl.exp(log_p), 0.0)
@@ -116,6 +135,8 @@ def _token_logprobs_bwd_kernel(
         if HAS_GRAD_ENTROPY:
             grad_x -= g_entropy * tl.where(p > 0, p * (log_p + entropy), 0.0)
         grad = grad_x * inv_temperature
+        if SOFTCAP:
+            grad *= soft_cap_slope(x / inv_temperature, softcap)
         tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -144,8 +165,9 @@ def token_logprobs_forward(
     temperature: float,
     ignore_index: int,
     return_entropy: bool,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. `targets` holds one id per row of `logits [..., V]`; returns fp32
+    """Launch the forward kernel (`softcap` 0: none). `targets` holds one id per row of `logits [..., V]`; returns fp32
     (logprobs, entropy or an empty tensor, lse) with one value per row."""
     vocab = logits.shape[-1]
     n_rows = targets.numel()
@@ -166,8 +188,10 @@ def token_logprobs_forward(
             stride_outer,
             stride_inner,
             1.0 / temperature,
+            softcap or 1.0,
             ignore_index,
             RETURN_ENTROPY=return_entropy,
+            SOFTCAP=bool(softcap),
             BLOCK_V=_block_v(vocab),
             num_warps=1 if interpreting() else 8,
         )
@@ -183,6 +207,7 @@ def token_logprobs_backward(
     entropy: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Gradient with respect to `logits` (same dtype and shape), given fp32 gradients of the per-row outputs."""
     vocab = logits.shape[-1]
@@ -204,8 +229,10 @@ def token_logprobs_backward(
             stride_outer,
             stride_inner,
             1.0 / temperature,
+            softcap or 1.0,
             ignore_index,
             HAS_GRAD_ENTROPY=has_grad_entropy,
+            SOFTCAP=bool(softcap),
             BLOCK_V=_block_v(vocab),
             num_warps=1 if interpreting() else 8,
         )

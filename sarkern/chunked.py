@@ -95,12 +95,15 @@ def _grad_logits(
     grad_entropy: torch.Tensor | None,
     temperature: float,
     col_offset: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """d loss / d logits for the scaled logits `x = logits / T` of columns [col_offset, col_offset + x.shape[1]).
 
     Overwrites `x` (it becomes the result), so a tile costs no extra memory; 1/T is folded into the per-token
-    gradients rather than applied to the tile.
+    gradients rather than applied to the tile. With `softcap`, `x = cap tanh(logits / cap) / T`, and the result is
+    multiplied by the slope `1 - tanh^2` (one extra tile).
     """
+    slope = (x * (temperature / softcap)).square_().neg_().add_(1.0) if softcap else None
     g = (torch.where(valid, grad_logprobs, 0.0) / temperature).unsqueeze(-1)
     log_p = x.sub_(lse.unsqueeze(-1))
     if grad_entropy is None:
@@ -116,14 +119,28 @@ def _grad_logits(
     grad[rows, cols[rows]] += g[rows, 0]
     # Ignored rows contribute nothing, also when all their logits are -inf (lse = -inf makes p NaN there).
     ignored = (~valid).nonzero().squeeze(-1)
-    return grad.index_fill_(0, ignored, 0.0) if ignored.numel() else grad
+    if ignored.numel():
+        grad.index_fill_(0, ignored, 0.0)
+    return grad.mul_(slope) if slope is not None else grad
+
+
+def _cap_and_scale_(x: torch.Tensor, softcap: float, temperature: float) -> torch.Tensor:
+    """In place: `x = softcap * tanh(x / softcap) / T` (`softcap` 0: no capping), as the reference applies it."""
+    if softcap:
+        x.div_(softcap).tanh_().mul_(softcap)
+    return x.div_(temperature) if temperature != 1.0 else x
 
 
 # ----------------------------------------------------------------------------------------------- from logits
 
 
 def token_logprobs_forward(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One read of the logits, in row chunks that stay in the cache: a max pass (which also finds where the max
     is), then `log_softmax` into a reused buffer, from which the target's log-prob, log s = -log p(argmax), and the
@@ -136,17 +153,19 @@ def token_logprobs_forward(
     lse = torch.empty(n_rows, **f32)
     entropy = torch.empty(n_rows, **f32) if return_entropy else logprobs.new_empty(0)
     valid = targets != ignore_index
-    safe_targets = targets.masked_fill(~valid, 0).long().unsqueeze(1)
+    outside = valid & ((targets < 0) | (targets >= vocab))  # only when the caller skipped the id check
+    safe_targets = targets.masked_fill(~valid | outside, 0).long().unsqueeze(1)
     step = max(1, min(n_rows, tile_budget() // vocab))
-    scaled = torch.empty((step, vocab), **f32) if (logits.dtype != torch.float32 or temperature != 1.0) else None
+    transformed = logits.dtype != torch.float32 or temperature != 1.0 or softcap
+    scaled = torch.empty((step, vocab), **f32) if transformed else None
     log_p = torch.empty((step, vocab), **f32)
     for first, block in _row_blocks(logits):
         for start in range(0, block.shape[0], step):
             x = block[start : start + step]
             rows = slice(first + start, first + start + x.shape[0])
             if scaled is not None:
-                # Upcast first, then divide, as the reference does (never a 16-bit division).
-                x = scaled[: x.shape[0]].copy_(x).div_(temperature)
+                # Upcast first, then cap and divide, as the reference does (never 16-bit arithmetic).
+                x = _cap_and_scale_(scaled[: x.shape[0]].copy_(x), softcap, temperature)
             out = log_p[: x.shape[0]]
             row_max, argmax = x.max(dim=-1, keepdim=True)
             # log_softmax forms (x - max) - log s: exact at any logit magnitude, unlike x - logsumexp(x).
@@ -157,7 +176,7 @@ def token_logprobs_forward(
             if return_entropy:
                 # -sum p log p, with p log p = 0 where p = 0 (and NaN kept where the logits hold NaN).
                 entropy[rows] = torch.special.entr(out.exp_()).sum(-1)
-    logprobs.masked_fill_(~valid, 0.0)
+    logprobs.masked_fill_(~valid, 0.0).masked_fill_(outside, float("nan"))
     if return_entropy:
         entropy.masked_fill_(~valid, 0.0)
     return logprobs, entropy, lse
@@ -172,6 +191,7 @@ def token_logprobs_backward(
     entropy: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     vocab = logits.shape[-1]
     targets = targets.reshape(-1)
@@ -186,7 +206,7 @@ def token_logprobs_backward(
             rows = slice(first + start, first + start + x.shape[0])
             chunk_targets = targets[rows]
             grad_rows[rows] = _grad_logits(
-                x.float() / temperature,
+                _cap_and_scale_(x.float() if x.dtype != torch.float32 else x.clone(), softcap, temperature),
                 lse[rows],
                 entropy[rows] if grad_entropy is not None else None,
                 chunk_targets.long(),
@@ -194,6 +214,7 @@ def token_logprobs_backward(
                 grad_logprobs[rows],
                 grad_entropy[rows] if grad_entropy is not None else None,
                 temperature,
+                softcap=softcap,
             )
     return grad
 
@@ -207,8 +228,13 @@ def _logits_tile(
     bias: torch.Tensor | None,
     temperature: float,
     out: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """fp32 (hidden @ weight.T + bias) / T, scaling the small operands instead of the [tokens, vocab] tile."""
+    """fp32 (hidden @ weight.T + bias) / T, scaling the small operands instead of the [tokens, vocab] tile; with
+    `softcap`, the tile is capped, then divided."""
+    if softcap:
+        logits = _logits_tile(hidden, weight, bias, 1.0, out)
+        return _cap_and_scale_(logits, softcap, temperature)
     h = hidden.float()
     if temperature != 1.0:
         h = h * (1.0 / temperature)
@@ -233,6 +259,7 @@ def linear_logprobs_forward(
     return_entropy: bool,
     segment_ids: torch.Tensor | None = None,
     num_segments: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     """Same contract as `sarkern.kernels.linear_logprobs_forward`.
 
@@ -268,6 +295,7 @@ def linear_logprobs_forward(
                 bias[v0:v1] if bias is not None else None,
                 temperature,
                 out=buffer[: rows * (v1 - v0)].view(rows, v1 - v0),
+                softcap=softcap,
             )
             # The target logit comes from the same fp32 tile as the log-sum-exp.
             local = chunk_targets - v0
@@ -289,6 +317,8 @@ def linear_logprobs_forward(
         chunk_valid = valid[n0:n1]
         lse[n0:n1] = shift + log_total
         logprobs[n0:n1] = torch.where(chunk_valid, (target_x - shift) - log_total, 0.0)
+        # A target id outside the vocabulary (the caller skipped the id check) gives NaN, as in the kernels.
+        logprobs[n0:n1].masked_fill_(chunk_valid & ((chunk_targets < 0) | (chunk_targets >= vocab)), float("nan"))
         if block_entropy is not None:
             # H = log s + sum_b exp(M_b - max) (E_b - S_b (M_b - max)) / s; a block with weight 0 adds 0.
             gap = torch.where(scale > 0, m - shift, 0.0)
@@ -298,7 +328,8 @@ def linear_logprobs_forward(
     segment_sums = torch.zeros(num_segments if segment_ids is not None else 0, **f32)
     segment_counts = torch.zeros_like(segment_sums)
     if segment_ids is not None:
-        counted = (segment_ids >= 0) & valid
+        # Ids past the last segment are dropped, as the kernels drop them (callers may skip the id check).
+        counted = (segment_ids >= 0) & (segment_ids < num_segments) & valid
         index = segment_ids[counted].long()
         segment_sums.index_add_(0, index, logprobs[counted])
         segment_counts.index_add_(0, index, torch.ones_like(logprobs[counted]))
@@ -318,14 +349,15 @@ def linear_logprobs_grad_logits(
     temperature: float,
     ignore_index: int,
     col_offset: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Same contract as `sarkern.kernels.linear_logprobs_grad_logits`: the tile of logit gradients, computed in
     `out` when it is fp32 (and contiguous), copied into it when it has another dtype."""
-    x = _logits_tile(
-        hidden, weight, bias, temperature, out=out if out is not None and out.dtype == torch.float32 else None
-    )
+    fp32_out = out if out is not None and out.dtype == torch.float32 else None
+    x = _logits_tile(hidden, weight, bias, temperature, out=fp32_out, softcap=softcap)
+    valid = targets != ignore_index
     grad = _grad_logits(
-        x, lse, entropy, targets.long(), targets != ignore_index, grad_logprobs, grad_entropy, temperature, col_offset
+        x, lse, entropy, targets.long(), valid, grad_logprobs, grad_entropy, temperature, col_offset, softcap
     )
     return grad if out is None or out.dtype == torch.float32 else out.copy_(grad)
 
@@ -344,6 +376,7 @@ def linear_logprobs_backward(
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of hidden, weight and bias (empty when not needed), from logits recomputed one tile at a time.
 
@@ -384,6 +417,7 @@ def linear_logprobs_backward(
                 temperature,
                 ignore_index,
                 col_offset=v0,
+                softcap=softcap,
             )
             if needs_hidden_grad:
                 hidden_acc[n0:n1].addmm_(grad_tile, w)

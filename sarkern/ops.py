@@ -72,6 +72,18 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
+def _check_softcap(softcap) -> float:
+    """`softcap` as a float, 0.0 for None (no capping), or an error naming why it cannot cap logits."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, Tensor)):
+        raise TypeError(f"softcap must be None or a real number, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap}")
+    return softcap
+
+
 def _check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool):
         raise TypeError("ignore_index must be an integer, got a bool")
@@ -151,20 +163,27 @@ def _f32_empty(like: Tensor, shape) -> Tensor:
 
 @torch.library.custom_op("sarkern::token_logprobs", mutates_args=())
 def _token_logprobs_op(
-    logits: Tensor, targets: Tensor, temperature: float, ignore_index: int, return_entropy: bool
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+    softcap: float,
+    check_inputs: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_targets_in_vocab(targets, logits.shape[-1], ignore_index)
+    if check_inputs:
+        _check_targets_in_vocab(targets, logits.shape[-1], ignore_index)
     if select_backend(logits.device) == "triton":
         impl = kernels().token_logprobs_forward
     else:
         impl = chunked.token_logprobs_forward
-    logprobs, entropy, lse = impl(logits, targets, temperature, ignore_index, return_entropy)
+    logprobs, entropy, lse = impl(logits, targets, temperature, ignore_index, return_entropy, softcap)
     shape = targets.shape
     return logprobs.view(shape), entropy.view(shape if return_entropy else (0,)), lse.view(shape)
 
 
 @_token_logprobs_op.register_fake
-def _(logits, targets, temperature, ignore_index, return_entropy):
+def _(logits, targets, temperature, ignore_index, return_entropy, softcap, check_inputs):
     shape = targets.shape
     return _f32_empty(logits, shape), _f32_empty(logits, shape if return_entropy else (0,)), _f32_empty(logits, shape)
 
@@ -179,27 +198,28 @@ def _token_logprobs_backward_op(
     entropy: Optional[Tensor],
     temperature: float,
     ignore_index: int,
+    softcap: float,
 ) -> Tensor:
     if select_backend(logits.device) == "triton":
         impl = kernels().token_logprobs_backward
     else:
         impl = chunked.token_logprobs_backward
     flat = lambda t: None if t is None else t.reshape(-1).float().contiguous()  # noqa: E731
-    return impl(
-        flat(grad_logprobs), flat(grad_entropy), logits, targets, flat(lse), flat(entropy), temperature, ignore_index
-    )
+    grads = (flat(grad_logprobs), flat(grad_entropy))
+    return impl(*grads, logits, targets, flat(lse), flat(entropy), temperature, ignore_index, softcap)
 
 
 @_token_logprobs_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _token_logprobs_setup(ctx, inputs, output):
-    logits, targets, temperature, ignore_index, return_entropy = inputs
+    logits, targets, temperature, ignore_index, return_entropy, softcap, _check_inputs = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy)
     ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
+    ctx.softcap = softcap
 
 
 def _token_logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
@@ -207,9 +227,9 @@ def _token_logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     if not ctx.return_entropy:
         grad_entropy, entropy = None, None
     grad_logits = _token_logprobs_backward_op(
-        grad_logprobs, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index
+        grad_logprobs, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.softcap
     )
-    return grad_logits, None, None, None, None
+    return grad_logits, None, None, None, None, None, None
 
 
 _token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
@@ -222,12 +242,19 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
+    check_inputs: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """fp32 `log softmax(logits / temperature)[targets]` for `logits [..., V]` and `targets [...]`.
 
     One read of the logits, fp32 accumulation whatever their dtype. With `return_entropy=True`, also returns the
     fp32 entropy of `softmax(logits / temperature)` at each position. Positions whose target is `ignore_index` give
     log-prob 0 and entropy 0, and pass no gradient. Differentiable with respect to `logits`.
+
+    `softcap`: the logits are first soft-capped, `softcap * tanh(logits / softcap)` (Gemma 2), then divided by the
+    temperature. `check_inputs=False` skips the run-time check that every target is a token id or `ignore_index`
+    (a device-to-host sync): the op then launches without any sync and can be captured in a CUDA graph; a target
+    outside the vocabulary is then never read out of bounds; its log-prob is NaN (the caller vouches for the ids).
     """
     _check_float("logits", logits)
     _check_index("targets", targets)
@@ -239,7 +266,13 @@ def token_logprobs(
         raise ValueError("logits have an empty vocabulary dimension")
     _check_same_device(logits=logits, targets=targets)
     logprobs, entropy, _ = _token_logprobs_op(
-        logits, _wide(targets), check_temperature(temperature), _check_ignore_index(ignore_index), bool(return_entropy)
+        logits,
+        _wide(targets),
+        check_temperature(temperature),
+        _check_ignore_index(ignore_index),
+        bool(return_entropy),
+        _check_softcap(softcap),
+        bool(check_inputs),
     )
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -248,15 +281,12 @@ def token_logprobs(
 
 
 def _linear_forward(
-    hidden, weight, bias, targets, temperature, ignore_index, return_entropy, segment_ids, num_segments
+    hidden, weight, bias, targets, temperature, ignore_index, return_entropy, segment_ids, num_segments, softcap
 ):
+    args = (hidden, weight, bias, targets, temperature, ignore_index, return_entropy, segment_ids, num_segments)
     if select_backend(hidden.device) == "triton":
-        return kernels().linear_logprobs_forward(
-            hidden, weight, bias, targets, temperature, ignore_index, return_entropy, segment_ids, num_segments
-        )
-    return chunked.linear_logprobs_forward(
-        hidden, weight, bias, targets, temperature, ignore_index, return_entropy, segment_ids, num_segments
-    )
+        return kernels().linear_logprobs_forward(*args, softcap)
+    return chunked.linear_logprobs_forward(*args, softcap)
 
 
 @torch.library.custom_op("sarkern::linear_token_logprobs", mutates_args=())
@@ -268,16 +298,19 @@ def _linear_token_logprobs_op(
     temperature: float,
     ignore_index: int,
     return_entropy: bool,
+    softcap: float,
+    check_inputs: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_targets_in_vocab(targets, weight.shape[0], ignore_index)
+    if check_inputs:
+        _check_targets_in_vocab(targets, weight.shape[0], ignore_index)
     logprobs, entropy, lse, _, _ = _linear_forward(
-        hidden, weight, bias, targets, temperature, ignore_index, return_entropy, None, 0
+        hidden, weight, bias, targets, temperature, ignore_index, return_entropy, None, 0, softcap
     )
     return logprobs, entropy, lse
 
 
 @_linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
+def _(hidden, weight, bias, targets, temperature, ignore_index, return_entropy, softcap, check_inputs):
     n = hidden.shape[0]
     return _f32_empty(hidden, (n,)), _f32_empty(hidden, (n if return_entropy else 0,)), _f32_empty(hidden, (n,))
 
@@ -291,11 +324,14 @@ def _segment_logprob_sums_op(
     segment_ids: Tensor,
     num_segments: int,
     temperature: float,
+    softcap: float,
+    check_inputs: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if segment_ids.numel() and bool((segment_ids >= num_segments).any()):
-        raise ValueError(f"segment_ids must be below num_segments={num_segments}; found {int(segment_ids.max())}")
-    counted = segment_ids >= 0
-    _check_targets_in_vocab(targets[counted], weight.shape[0], None)  # every counted token needs a real target
+    if check_inputs:
+        if segment_ids.numel() and bool((segment_ids >= num_segments).any()):
+            raise ValueError(f"segment_ids must be below num_segments={num_segments}; found {int(segment_ids.max())}")
+        counted = segment_ids >= 0
+        _check_targets_in_vocab(targets[counted], weight.shape[0], None)  # every counted token needs a real target
     _, _, lse, sums, counts = _linear_forward(
         hidden,
         weight,
@@ -306,8 +342,9 @@ def _segment_logprob_sums_op(
         False,
         segment_ids,
         num_segments,
+        softcap,
     )
-    empty = int((counts == 0).sum())
+    empty = int((counts == 0).sum()) if check_inputs else 0
     if empty:
         warnings.warn(
             f"sequence_perplexity: {empty} of {num_segments} segments have no tokens; their perplexity is NaN",
@@ -318,7 +355,7 @@ def _segment_logprob_sums_op(
 
 
 @_segment_logprob_sums_op.register_fake
-def _(hidden, weight, bias, targets, segment_ids, num_segments, temperature):
+def _(hidden, weight, bias, targets, segment_ids, num_segments, temperature, softcap, check_inputs):
     return (
         _f32_empty(hidden, (num_segments,)),
         _f32_empty(hidden, (num_segments,)),
@@ -341,14 +378,15 @@ def _linear_backward_op(
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
+    softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden, weight and bias (empty when not needed), from logits recomputed one tile at a time:
     each `[tokens, vocab]` tile of logit gradients becomes two GEMM updates, so memory stays at one tile."""
     args = (grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index)
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad)
     if select_backend(hidden.device) == "triton":
-        return kernels().linear_logprobs_backward(*args, *needs)
-    return chunked.linear_logprobs_backward(*args, *needs)
+        return kernels().linear_logprobs_backward(*args, *needs, softcap)
+    return chunked.linear_logprobs_backward(*args, *needs, softcap)
 
 
 @_linear_backward_op.register_fake
@@ -366,6 +404,7 @@ def _(
     needs_hidden_grad,
     needs_weight_grad,
     needs_bias_grad,
+    softcap,
 ):
     return (
         torch.empty_like(hidden) if needs_hidden_grad else hidden.new_empty(0),
@@ -391,6 +430,7 @@ def _linear_grads(ctx, grad_logprobs, grad_entropy, entropy):
         needs[0],
         needs[1],
         bias is not None and needs[2],
+        ctx.softcap,
     )
     return (
         grad_hidden if needs[0] else None,
@@ -400,16 +440,17 @@ def _linear_grads(ctx, grad_logprobs, grad_entropy, entropy):
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, return_entropy = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, return_entropy, softcap, _check_inputs = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
     ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
+    ctx.softcap = softcap
 
 
 def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     entropy = ctx.saved_tensors[5] if ctx.return_entropy else None
     grads = _linear_grads(ctx, grad_logprobs, grad_entropy if ctx.return_entropy else None, entropy)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 _linear_token_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -421,18 +462,20 @@ def _segment_targets(targets: Tensor, segment_ids: Tensor) -> Tensor:
 
 
 def _segment_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, segment_ids, num_segments, temperature = inputs
+    hidden, weight, bias, targets, segment_ids, num_segments, temperature, softcap, _check_inputs = inputs
     _, _, lse = output
     ctx.save_for_backward(hidden, weight, bias, _segment_targets(targets, segment_ids), lse, segment_ids)
-    ctx.temperature, ctx.ignore_index = temperature, _SEGMENT_IGNORE
+    ctx.temperature, ctx.ignore_index, ctx.softcap = temperature, _SEGMENT_IGNORE, softcap
 
 
 def _segment_backward(ctx, grad_sums, _grad_counts, _grad_lse):
     segment_ids = ctx.saved_tensors[5]
-    # Each counted token's log-prob enters its segment's sum with weight one.
-    counted = segment_ids >= 0
-    grad_logprobs = torch.where(counted, grad_sums[segment_ids.clamp(min=0).long()], 0.0)
-    return (*_linear_grads(ctx, grad_logprobs, None, None), None, None, None, None)
+    # Each counted token's log-prob enters its segment's sum with weight one (ids past the last segment: none).
+    num_segments = grad_sums.shape[0]
+    counted = (segment_ids >= 0) & (segment_ids < num_segments)
+    gathered = grad_sums[segment_ids.clamp(0, max(num_segments - 1, 0))] if num_segments else grad_sums.new_zeros(1)
+    grad_logprobs = torch.where(counted, gathered, 0.0)
+    return (*_linear_grads(ctx, grad_logprobs, None, None), None, None, None, None, None, None)
 
 
 _segment_logprob_sums_op.register_autograd(_segment_backward, setup_context=_segment_setup)
@@ -447,12 +490,15 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
+    check_inputs: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`token_logprobs(hidden @ weight.T + bias, targets, ...)` without ever allocating `[tokens, V]` logits.
 
     `hidden [..., D]`, `weight [V, D]` (the LM head), `bias [V]` or None, `targets [...]`; fp32 results of shape
     `targets.shape`. Positions whose target is `ignore_index` give log-prob 0 and (with `return_entropy=True`)
-    entropy 0, and pass no gradient. Differentiable with respect to `hidden`, `weight` and `bias`.
+    entropy 0, and pass no gradient. Differentiable with respect to `hidden`, `weight` and `bias`. `softcap` and
+    `check_inputs` as in `token_logprobs`.
     """
     _check_linear_inputs(hidden, weight, bias, targets)
     lead = targets.shape
@@ -464,6 +510,8 @@ def linear_token_logprobs(
         check_temperature(temperature),
         _check_ignore_index(ignore_index),
         bool(return_entropy),
+        _check_softcap(softcap),
+        bool(check_inputs),
     )
     if return_entropy:
         return logprobs.view(lead), entropy.view(lead)
@@ -479,12 +527,18 @@ def sequence_perplexity(
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    check_inputs: bool = True,
 ) -> Tensor:
     """fp32 perplexity `exp(-mean log p(target))` of each of `num_segments` segments of tokens.
 
     Token `i` belongs to segment `segment_ids[i]`; tokens with a negative id are ignored (their targets are not
     read). The log-probs and the per-segment sums come from one fused pass. A segment without tokens gets NaN,
     and a RuntimeWarning says how many there were. Differentiable with respect to `hidden`, `weight`, `bias`.
+
+    `softcap` as in `token_logprobs`. `check_inputs=False` skips the run-time checks of the ids and the count of
+    empty segments (device-to-host syncs): no warning then, though empty segments are still NaN; a segment id at or
+    past `num_segments` is dropped, never written out of bounds.
     """
     _check_linear_inputs(hidden, weight, bias, targets)
     _check_index("segment_ids", segment_ids)
@@ -504,6 +558,8 @@ def sequence_perplexity(
         segment_ids,
         num_segments,
         check_temperature(temperature),
+        _check_softcap(softcap),
+        bool(check_inputs),
     )
     return torch.exp(-sums / counts)
 

@@ -16,8 +16,12 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
 ):
-    """log softmax(logits / T)[target] and, optionally, the entropy of softmax(logits / T); 0 where ignored."""
+    """log softmax(logits / T)[target] and, optionally, the entropy of softmax(logits / T); 0 where ignored.
+    With `softcap`, the logits are first replaced by `softcap * tanh(logits / softcap)`."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     scaled = logits / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     ignored = targets == ignore_index
@@ -40,12 +44,18 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
 ):
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
     return token_logprobs(
-        logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        logits,
+        targets,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+        softcap=softcap,
     )
 
 
@@ -58,13 +68,14 @@ def sequence_perplexity(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """exp(-mean log-prob) per segment; tokens with a negative segment id are ignored; empty segments give NaN."""
     segment_ids = segment_ids.reshape(-1)
     keep = segment_ids >= 0
     safe_targets = torch.where(keep, targets.reshape(-1), torch.zeros_like(targets.reshape(-1)))
     logp = linear_token_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, safe_targets, bias=bias, temperature=temperature
+        hidden.reshape(-1, hidden.shape[-1]), weight, safe_targets, bias=bias, temperature=temperature, softcap=softcap
     )
     sums = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device)
     counts = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device)

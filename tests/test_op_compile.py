@@ -29,18 +29,26 @@ def test_opcheck_custom_ops():
     w2 = weight.clone().requires_grad_(True)
     b2 = bias.clone().requires_grad_(True)
     flat_t = targets.reshape(-1)
-    torch.library.opcheck(torch.ops.sarkern.token_logprobs, (h2 @ w2.T, flat_t, 1.0, -100, True))
-    torch.library.opcheck(torch.ops.sarkern.linear_token_logprobs, (h2, w2, b2, flat_t, 0.9, -100, True))
     seg_targets = torch.where(segments.reshape(-1) >= 0, flat_t.clamp(min=0), -100)
-    torch.library.opcheck(
-        torch.ops.sarkern.segment_logprob_sums, (h2, w2, None, seg_targets, segments.reshape(-1), 2, 1.0)
-    )
+    # (softcap, check_inputs): none and checked; capped and unchecked (the sync-free launch).
+    for softcap, check_inputs in ((0.0, True), (2.5, False)):
+        options = (softcap, check_inputs)
+        torch.library.opcheck(torch.ops.sarkern.token_logprobs, (h2 @ w2.T, flat_t, 1.0, -100, True, *options))
+        torch.library.opcheck(
+            torch.ops.sarkern.linear_token_logprobs, (h2, w2, b2, flat_t, 0.9, -100, True, *options)
+        )
+        torch.library.opcheck(
+            torch.ops.sarkern.segment_logprob_sums,
+            (h2, w2, None, seg_targets, segments.reshape(-1), 2, 1.0, *options),
+        )
 
 
 def _loss(hidden, weight, bias, targets, segments):
     logits = hidden @ weight.T + bias
     lp, ent = sarkern.token_logprobs(logits, targets, temperature=0.9, return_entropy=True)
-    lin_lp, lin_ent = sarkern.linear_token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True)
+    lin_lp, lin_ent = sarkern.linear_token_logprobs(
+        hidden, weight, targets, bias=bias, return_entropy=True, softcap=3.0, check_inputs=False
+    )
     ppl = sarkern.sequence_perplexity(hidden, weight, targets.clamp(min=0), segments, 2, bias=bias)
     return lp.sum() + 0.1 * ent.sum() + lin_lp.mean() - 0.2 * lin_ent.mean() + ppl.log().sum()
 
