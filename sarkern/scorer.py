@@ -275,7 +275,9 @@ class SARScorer:
     def head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         """Per-token log-probs of ``targets`` from hidden states ``[n, D]``, with the model's logit transform."""
         hidden, weight, bias = self._head_operands(hidden)
-        return linear_token_logprobs(hidden, weight, targets, bias=bias, **self.logit_transform.op_options(temperature))
+        # The ids were checked against the vocabulary on input: no device-to-host sync for the op's own check.
+        options = self.logit_transform.op_options(temperature)
+        return linear_token_logprobs(hidden, weight, targets, bias=bias, check_inputs=False, **options)
 
     def _pass_hidden(self, pack: PackedPass) -> torch.Tensor:
         """One packed backbone forward; the hidden state of every row that predicts a target."""
@@ -304,6 +306,7 @@ class SARScorer:
             pack.segment_ids.to(device),
             pack.num_pairs,
             bias=bias,
+            check_inputs=False,  # ids checked on input, segment ids built here
             **self.logit_transform.op_options(self.temperature),
         )
 
