@@ -22,7 +22,8 @@ Backends:
 * ``"flash"`` (CUDA, fp16/bf16, ``flash-attn`` installed): one ``flash_attn_varlen_func`` call per layer; the keys of
   each segment are gathered (the prefix is repeated once per completion in the key buffer, which costs
   ``prefix_len * num_completions`` rows of K and V, not a quadratic mask). flash-attn aligns the causal mask
-  bottom-right when queries are fewer than keys, which is the rule above.
+  bottom-right when queries are fewer than keys, which is the rule above. Attention soft-capping is flash-attn's own
+  ``softcap``.
 * ``"flex"`` (CUDA by default; CPU when asked, with a C++ compiler): one compiled ``flex_attention`` call per layer
   over the packed row, with a block mask built once per pass from the layout (:meth:`PackedLayout.flex_block_mask`).
   Each query row sees at most two key intervals (its prefix's rows, then its own segment's rows up to itself, both
@@ -33,7 +34,8 @@ Backends:
   static kernel per bucket on CPU). Attention soft-capping (Gemma 2's ``softcap``) is a ``score_mod``.
 * ``"sdpa"`` (everywhere, CPU's default): one ``scaled_dot_product_attention`` call per segment (and per query chunk
   for long ones) with a boolean mask of at most ``chunk_rows x visible_keys`` elements (bounded by
-  ``max_mask_elements``), never ``[T, T]``.
+  ``max_mask_elements``), never ``[T, T]``. SDPA has no score modification, so soft-capped layers compute the same
+  blocks' scores explicitly (eager attention's arithmetic: scores in the inputs' dtype, softmax in fp32).
 
 ``"auto"`` picks flash on CUDA with fp16/bf16 weights when flash-attn is installed, else flex on CUDA when Triton (the
 compiler FlexAttention needs there) is available, else sdpa. FlexAttention is not CPU's default: there it needs a C++

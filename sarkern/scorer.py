@@ -12,8 +12,11 @@ once with the placeholder) and materialises full ``[B, S, V]`` logits. :class:`S
   pass, without ever allocating ``[tokens, vocabulary]`` logits.
 
 The results equal those of naive per-sample forwards (``model(prompt + completion).logits`` then ``log_softmax``) up
-to floating-point reassociation. Whatever the scorer cannot reproduce exactly it refuses by name
-(:class:`UnsupportedModelError`) rather than scoring it wrong.
+to floating-point reassociation. Which models: not an allow-list; the first scoring of a model runs a short probe
+that proves this equality on the model itself (:mod:`sarkern.verification`), and whatever the scorer cannot reproduce
+exactly it refuses with the cause named (:class:`UnsupportedModelError`) rather than scoring it wrong. Input handling
+lives in :mod:`sarkern.score_inputs`, the packed layout and the planning of passes in :mod:`sarkern.packing`, what
+is read from the config (traps, logit scaling, soft-caps, length-dependent RoPE) in :mod:`sarkern.model_support`.
 """
 
 from __future__ import annotations

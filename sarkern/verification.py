@@ -88,6 +88,8 @@ def _probe_sequences(scorer: SARScorer) -> tuple[list[torch.Tensor], list[torch.
     """Two prefixes, two completions each (one of a single token); with a sliding window ``w``, the second prefix
     is longer than ``w`` and its long completion runs ``w + 2`` tokens past it, so the window cuts into both."""
     window = _smallest_window(scorer)
+    if window is not None and scorer.max_positions is not None and window + 3 > scorer.max_positions:
+        window = None  # a window as long as the positions never cuts anything
     prefix_lengths = [3, 4 if window is None else window + 1]
     completion_lengths = [5, 1, 1, 3 if window is None else window + 2]
     if scorer.max_positions is not None:  # shrink to the model's positions (tiny models)
