@@ -22,7 +22,7 @@ is read from the config (traps, logit scaling, soft-caps, length-dependent RoPE)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION_BACKENDS, LAYOUT_KWARG, AttentionBackend, register_attention
-from .model_support import UnsupportedModelError, check_config_traps, logit_transform, rope_regime, text_config
+from .model_support import (
+    LogitTransform,
+    UnsupportedModelError,
+    check_config_traps,
+    logit_transform,
+    rope_regime,
+    text_config,
+)
 from .ops import check_temperature, linear_token_logprobs, sequence_perplexity
 from .packing import PackedPass, Pair, build_pass, plan_passes
 from .placeholder import PlaceholderPrompts, is_conversation, validate_placeholder_preset, validate_token_ids
@@ -178,13 +185,6 @@ class SARScorer:
         self.lm_head: nn.Linear = head
         embeddings = model.get_input_embeddings()
         self.vocab_size = min(int(embeddings.num_embeddings), int(head.weight.shape[0]))
-        self.max_positions: int | None = getattr(self.text_config, "max_position_embeddings", None)
-        # Logit scaling and final soft-capping, folded into the fused op's temperature and soft-cap.
-        self.logit_transform = logit_transform(self.text_config)
-        # RoPE that depends on the sequence length: passes hold one regime each, and each completion's last token is
-        # fed so that a pass's largest position is its longest sequence's, as in a per-sample forward.
-        self.rope_regime = rope_regime(self.text_config)
-        self.feed_last = self.rope_regime is not None
         self._attention_name = register_attention()
 
         # The placeholder of each prompt (PlaceholderPrompts.for_prompts); `placeholder_ids` is the default one.
@@ -226,6 +226,29 @@ class SARScorer:
     @property
     def text_config(self) -> Any:
         return text_config(self.model.config)
+
+    # What the scorer reads from the config is read on every use, so that it follows config changes (which also
+    # make the verification probe run again).
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.text_config, "max_position_embeddings", None)
+
+    @property
+    def logit_transform(self) -> LogitTransform:
+        """Logit scaling and final soft-capping, folded into the fused op's temperature and soft-cap."""
+        return logit_transform(self.text_config)
+
+    @property
+    def rope_regime(self) -> Callable[[int], Hashable] | None:
+        """For RoPE that depends on the sequence length, each pass holds sequences of one regime."""
+        return rope_regime(self.text_config)
+
+    @property
+    def feed_last(self) -> bool:
+        """Feed each completion's last token when RoPE depends on length, so that a pass's largest position is its
+        longest sequence's, as in a per-sample forward."""
+        return self.rope_regime is not None
 
     def configs(self) -> list[Any]:
         """The distinct configs of the model and its backbone (their attention implementation is switched)."""

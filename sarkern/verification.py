@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .model_support import UnsupportedModelError
+from .model_support import UnsupportedModelError, check_config_traps
 from .packing import Pair, build_pass, plan_passes
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ def _fingerprint(scorer: SARScorer) -> str:
 def verify_scorer(scorer: SARScorer) -> None:
     """Run the probe once per model and fingerprint; raise :class:`UnsupportedModelError` naming the cause when the
     packed forward does not reproduce per-sample forwards."""
+    check_config_traps(scorer.model)  # cheap, and the config may have changed since the scorer was built
     key = _fingerprint(scorer)
     results = _VERIFIED.setdefault(scorer.model, {})
     if key not in results:

@@ -242,3 +242,16 @@ def test_peft_lora_model_matches_its_own_forwards():
     assert_ppl_close(scores.ppl_cond, cond, tol)
     assert_ppl_close(scores.ppl_uncond, [naive_perplexity(model, PLACEHOLDER, c) for c in completions], tol)
     assert (scores.ppl_cond.double().log() - torch.tensor(without).log()).abs().max() > 10 * tol
+
+
+def test_config_changes_after_construction_are_followed():
+    """What the scorer reads from the config (here Granite's logits_scaling) is read again, and verified again."""
+    model = tiny_family_model("granite")
+    scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
+    prompts, completions = mixed_batch(seed=30)
+    scorer.score(prompts, completions)
+    model.config.logits_scaling = 2.0
+    rescaled = tiny_family_model("granite", logits_scaling=2.0)  # same weights, the new scaling
+    scores = scorer.score(prompts, completions)
+    expected = [naive_perplexity(rescaled, p, c) for p, c in zip(prompts, completions)]
+    assert_ppl_close(scores.ppl_cond, expected, tolerance(rescaled, prompts, completions))
