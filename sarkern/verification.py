@@ -18,6 +18,7 @@ Results are cached per model object (weakly) and per fingerprint of what the pro
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import weakref
@@ -36,6 +37,9 @@ __all__ = ["probe_tolerance", "verify_scorer"]
 
 # model -> {fingerprint: None (verified) or the reason it was refused}
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[str, str | None]] = weakref.WeakKeyDictionary()
+
+# Completion tokens compared per probe sequence (its last ones).
+COMPARED_TOKENS = 16
 
 # Unit roundoff of the formats a forward may store its activations in.
 _UNIT_ROUNDOFF = {
@@ -132,21 +136,25 @@ def probe_tolerance(scorer: SARScorer, compute_dtype: torch.dtype, logit_scale: 
     return 4 * stages * (widest * u_acc + u_store) * max(1.0, logit_scale)
 
 
-def _reference(scorer: SARScorer, sequences: list[torch.Tensor], completion_lengths: list[int]):
-    """Per-token log-probs of the completions from plain per-sample forwards, and the largest |logit| seen."""
+def _reference(scorer: SARScorer, sequences: list[torch.Tensor], compared: list[int]):
+    """Log-probs of the last ``compared[i]`` tokens of each sequence from plain per-sample forwards, and the largest
+    |logit| seen."""
     logprobs, scale = [], 0.0
-    for ids, n in zip(sequences, completion_lengths):
-        logits = scorer.model(input_ids=ids.unsqueeze(0).to(scorer.device), use_cache=False).logits[0].float()
+    keeps_logits = "logits_to_keep" in inspect.signature(scorer.model.forward).parameters
+    for ids, n in zip(sequences, compared):
+        kwargs = {"logits_to_keep": n + 1} if keeps_logits else {}  # no full-vocabulary rows we do not compare
+        out = scorer.model(input_ids=ids.unsqueeze(0).to(scorer.device), use_cache=False, **kwargs)
+        logits = out.logits[0, -(n + 1) : -1].float()  # the rows that predict the compared tokens
         scale = max(scale, float(logits.abs().max()))
-        rows = torch.log_softmax(logits[len(ids) - n - 1 : len(ids) - 1], dim=-1)
+        rows = torch.log_softmax(logits, dim=-1)
         logprobs.append(rows.gather(-1, ids[len(ids) - n :].unsqueeze(-1).to(rows.device)).squeeze(-1).cpu())
     return logprobs, scale
 
 
-def _head_only(scorer: SARScorer, sequences: list[torch.Tensor], completion_lengths: list[int]) -> list[torch.Tensor]:
-    """Per-token log-probs the scorer's head computes from the backbone's own per-sample forwards."""
+def _head_only(scorer: SARScorer, sequences: list[torch.Tensor], compared: list[int]) -> list[torch.Tensor]:
+    """Log-probs the scorer's head computes from the backbone's own per-sample forwards (last ``compared[i]``)."""
     out = []
-    for ids, n in zip(sequences, completion_lengths):
+    for ids, n in zip(sequences, compared):
         outputs = scorer.backbone(input_ids=ids.unsqueeze(0).to(scorer.device), use_cache=False)
         hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
         rows = hidden[0, len(ids) - n - 1 : len(ids) - 1]
@@ -171,8 +179,10 @@ def _probe(scorer: SARScorer) -> str | None:
     prefixes, completions, pairs = _probe_sequences(scorer)
     sequences = [torch.cat([prefixes[p.prefix], completions[p.completion]]) for p in pairs]
     lengths = [len(completions[p.completion]) for p in pairs]
+    # The last tokens of each completion (those past the window in the long one); fewer full-vocabulary logit rows.
+    compared = [min(n, COMPARED_TOKENS) for n in lengths]
     with scorer.scoring_mode(shared_prefix=False):
-        reference, scale = _reference(scorer, sequences, lengths)
+        reference, scale = _reference(scorer, sequences, compared)
         device_type = scorer.device.type
         compute_dtype = (
             torch.get_autocast_dtype(device_type)
@@ -190,7 +200,7 @@ def _probe(scorer: SARScorer) -> str | None:
             per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
             calls += pack.layout.calls
             for s, j in enumerate(members):
-                packed[j] = per_token[pack.segment_ids == s]
+                packed[j] = per_token[pack.segment_ids == s][-compared[j] :]
     if calls == 0:
         return (
             f"{name}'s attention layers never called sarkern's shared-prefix attention: they do not dispatch through "
@@ -201,9 +211,12 @@ def _probe(scorer: SARScorer) -> str | None:
     error, i, j = _worst(packed, reference)
     if error <= tol:
         return None
-    where = f"probe sequence {i} (prefix {len(sequences[i]) - lengths[i]} + completion {lengths[i]} tokens), token {j}"
+    token = lengths[i] - compared[i] + j
+    where = (
+        f"probe sequence {i} (prefix {len(sequences[i]) - lengths[i]} + completion {lengths[i]} tokens), token {token}"
+    )
     with scorer.scoring_mode(shared_prefix=False):
-        head_error, _, _ = _worst(_head_only(scorer, sequences, lengths), reference)
+        head_error, _, _ = _worst(_head_only(scorer, sequences, compared), reference)
     transform = scorer.logit_transform
     if head_error > tol:
         return (
