@@ -136,6 +136,11 @@ def probe_tolerance(scorer: SARScorer, compute_dtype: torch.dtype, logit_scale: 
     return 4 * stages * (widest * u_acc + u_store) * max(1.0, logit_scale)
 
 
+def _precision(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul of ``dtype`` operands computes in here: the autocast dtype when autocast is on."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+
+
 def _reference(scorer: SARScorer, sequences: list[torch.Tensor], compared: list[int]):
     """Log-probs of the last ``compared[i]`` tokens of each sequence from plain per-sample forwards, and the largest
     |logit| seen."""
@@ -181,14 +186,19 @@ def _probe(scorer: SARScorer) -> str | None:
     lengths = [len(completions[p.completion]) for p in pairs]
     # The last tokens of each completion (those past the window in the long one); fewer full-vocabulary logit rows.
     compared = [min(n, COMPARED_TOKENS) for n in lengths]
-    with scorer.scoring_mode(shared_prefix=False):
-        reference, scale = _reference(scorer, sequences, compared)
-        device_type = scorer.device.type
-        compute_dtype = (
-            torch.get_autocast_dtype(device_type)
-            if torch.is_autocast_enabled(device_type)
-            else scorer.lm_head.weight.dtype
-        )
+    precisions = [_precision(scorer.device.type, scorer.lm_head.weight.dtype)]  # the scorer's own
+    # The model's own forward may run in another precision than the scoring context says (accelerate's mixed
+    # precision wraps `model.forward` in autocast): the LM head's input tells which.
+    hook = scorer.lm_head.register_forward_hook(
+        lambda module, args, out: precisions.append(_precision(out.device.type, args[0].dtype))
+    )
+    try:
+        with scorer.scoring_mode(shared_prefix=False):
+            reference, scale = _reference(scorer, sequences, compared)
+            precisions.append(_precision(scorer.device.type, scorer.lm_head.weight.dtype))
+    finally:
+        hook.remove()
+    compute_dtype = max(precisions, key=lambda dtype: _UNIT_ROUNDOFF.get(dtype, 2.0**-8))  # the coarsest
     packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     calls = 0
     with scorer.scoring_mode(shared_prefix=True):
