@@ -114,7 +114,8 @@ def probe_tolerance(scorer: SARScorer, compute_dtype: torch.dtype, logit_scale: 
     The forward is a chain of ``3 L + 1`` stages (per layer attention, MLP and norm, then the LM head). Each stage
     sums at most ``n`` products (``n``: the widest ``nn.Linear`` input, the head size, the sequence length), in fp32
     (fp64 for a float64 model), off by at most ``n u_acc`` of the stage's scale (Higham, section 3.1), and stores its
-    output in the compute dtype, off by ``u_store`` more (0 for fp32: its sums are the rounding already). Measured
+    output in the compute dtype, off by ``u_store`` more (0 for fp32: its sums are the rounding already; TF32 matmuls
+    round their operands to 2^-11). Measured
     against the logits' scale the errors add along the residual stream; a log-prob ``z_t - logsumexp(z)`` moves by
     at most twice the largest logit error, and the two forwards compared each carry such an error (factor 2 again).
     """
@@ -132,6 +133,8 @@ def probe_tolerance(scorer: SARScorer, compute_dtype: torch.dtype, logit_scale: 
             widest = max(widest, value)
     u_acc = _UNIT_ROUNDOFF[torch.float64] if compute_dtype == torch.float64 else _UNIT_ROUNDOFF[torch.float32]
     u_store = 0.0 if compute_dtype in (torch.float32, torch.float64) else _UNIT_ROUNDOFF.get(compute_dtype, 2.0**-8)
+    if compute_dtype == torch.float32 and scorer.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        u_store = 2.0**-11  # TF32 matmuls round their fp32 operands to 10 mantissa bits
     stages = 3 * layers + 1
     return 4 * stages * (widest * u_acc + u_store) * max(1.0, logit_scale)
 
