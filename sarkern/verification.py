@@ -203,7 +203,7 @@ def _probe(scorer: SARScorer) -> str | None:
         hook.remove()
     compute_dtype = max(precisions, key=lambda dtype: _UNIT_ROUNDOFF.get(dtype, 2.0**-8))  # the coarsest
     packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
-    calls = 0
+    calls: list[int] = []  # shared-prefix attention calls per pass
     with scorer.scoring_mode(shared_prefix=True):
         plan = plan_passes(pairs, prefixes, completions, 1 << 62, regime=scorer.rope_regime, feed_last=scorer.feed_last)
         for members in plan:
@@ -211,10 +211,10 @@ def _probe(scorer: SARScorer) -> str | None:
                 [pairs[j] for j in members], prefixes, completions, scorer.attention_backend, feed_last=scorer.feed_last
             )
             per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
-            calls += pack.layout.calls
+            calls.append(pack.layout.calls)
             for s, j in enumerate(members):
                 packed[j] = per_token[pack.segment_ids == s][-compared[j] :]
-    if calls == 0:
+    if not any(calls):
         return (
             f"{name}'s attention layers never called sarkern's shared-prefix attention: they do not dispatch through "
             "transformers' AttentionInterface on config._attn_implementation, so the packed forward would let "
@@ -238,10 +238,16 @@ def _probe(scorer: SARScorer) -> str | None:
             f"config): log-probs differ by {head_error:.3g} (tolerance {tol:.3g}); the model transforms its logits "
             "in a way the scorer does not know"
         )
-    layers = getattr(scorer.text_config, "num_hidden_layers", "?")
+    layers = getattr(scorer.text_config, "num_hidden_layers", None)
+    hint = ""
+    if isinstance(layers, int) and min(calls) < layers:
+        hint = (
+            "; some layers do not attend through it: layers that do not attend (recurrent or state-space mixers) "
+            "carry state from one packed sequence into the next"
+        )
     return (
         f"{name}'s packed shared-prefix forward differs from per-sample forwards by {error:.3g} in a token's log-prob "
-        f"(tolerance {tol:.3g}, {where}); the shared-prefix attention ran {calls} times for {layers} layers "
-        f"(attention backend {scorer.attention_backend!r}). Something in the model (its attention, its positions, or "
-        "state shared across the packed row) does not follow the layout"
+        f"(tolerance {tol:.3g}, {where}); the shared-prefix attention ran {min(calls)} times for {layers} layers "
+        f"(attention backend {scorer.attention_backend!r}){hint}. Something in the model (its attention, its "
+        "positions, or state shared across the packed row) does not follow the layout"
     )

@@ -167,13 +167,15 @@ def _family_specs() -> dict[str, tuple[type, type, dict]]:
             LlamaForCausalLM,
             {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
         ),
-        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 4.0}),
+        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 4.0}),  # divides the logits
+        "hyperclovax": (tf.HyperCLOVAXConfig, tf.HyperCLOVAXForCausalLM, {"logits_scaling": 3.0}),  # multiplies
+        "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {"logit_scale": 3.0}),  # parallel blocks, logits scaled
     }
 
 
 LONGROPE_ORIGINAL = 24
 FAMILIES = [*ARCHITECTURES, "qwen3-yarn", "qwen3_moe", "olmo2", "smollm3", "gpt2", "gemma3", "phi3-longrope",
-            "llama-dynamic", "granite", "gemma2"]  # fmt: skip
+            "llama-dynamic", "granite", "hyperclovax", "cohere", "gemma2"]  # fmt: skip
 
 
 def tiny_family_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:

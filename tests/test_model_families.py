@@ -55,6 +55,8 @@ def test_the_families_quirks_change_the_scores():
     prompt, completion = prompts[5], completions[5]  # 9 + 16 tokens: past the window and the longrope threshold
     for name, plain_fields in [
         ("granite", {"logits_scaling": 1.0}),
+        ("hyperclovax", {"logits_scaling": 1.0}),
+        ("cohere", {"logit_scale": 1.0}),
         ("gemma2", {"final_logit_softcapping": None}),
         ("gemma2", {"attn_logit_softcapping": None}),
         ("gemma3", {"sliding_window": 64}),
@@ -119,6 +121,8 @@ def test_split_passes_stay_within_the_budget():
 def test_logit_scaling_and_soft_caps_are_read_from_the_config():
     granite = SARScorer(tiny_family_model("granite"), placeholder_ids=PLACEHOLDER, temperature=0.5)
     assert granite.logit_transform.op_options(0.5) == {"temperature": 2.0}  # logits / 4 / 0.5
+    hyperclovax = SARScorer(tiny_family_model("hyperclovax"), placeholder_ids=PLACEHOLDER)
+    assert hyperclovax.logit_transform.op_options(1.5) == {"temperature": 0.5}  # the same field name, multiplied
     gemma2 = SARScorer(tiny_family_model("gemma2"), placeholder_ids=PLACEHOLDER)
     assert gemma2.logit_transform.op_options(1.0) == {"temperature": 1.0, "softcap": 2.0}
 
@@ -176,6 +180,29 @@ def test_an_attention_that_drops_the_sliding_window_is_refused(monkeypatch):
     message = r"packed shared-prefix forward differs .* ran 2 times for 2 layers"
     with pytest.raises(UnsupportedModelError, match=message):
         scorer.score(*mixed_batch(seed=26))
+
+
+def test_a_hybrid_state_space_model_is_refused():
+    """Mamba layers carry a recurrent state along the row: in a packed row it would run from one sequence into the
+    next. The probe sees the difference (and that only one of the two layers used the shared-prefix attention)."""
+    import transformers as tf
+    from scorer_models import _COMMON, _IDS
+
+    config = tf.GraniteMoeHybridConfig(
+        **{**_COMMON, **_IDS},
+        layer_types=["mamba", "attention"],
+        mamba_d_state=8,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_chunk_size=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
+    torch.manual_seed(0)
+    model = tf.GraniteMoeHybridForCausalLM(config).eval()
+    message = r"packed shared-prefix forward differs .* ran 1 times for 2 layers .* layers that do not attend"
+    with pytest.raises(UnsupportedModelError, match=message):
+        SARScorer(model, placeholder_ids=PLACEHOLDER).score(*mixed_batch(seed=31))
 
 
 def test_an_unknown_logit_transform_is_refused():
