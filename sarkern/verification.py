@@ -190,17 +190,23 @@ def _probe(scorer: SARScorer) -> str | None:
     # The last tokens of each completion (those past the window in the long one); fewer full-vocabulary logit rows.
     compared = [min(n, COMPARED_TOKENS) for n in lengths]
     precisions = [_precision(scorer.device.type, scorer.lm_head.weight.dtype)]  # the scorer's own
-    # The model's own forward may run in another precision than the scoring context says (accelerate's mixed
-    # precision wraps `model.forward` in autocast): the LM head's input tells which.
-    hook = scorer.lm_head.register_forward_hook(
-        lambda module, args, out: precisions.append(_precision(out.device.type, args[0].dtype))
-    )
+    head_scales = [0.0]
+
+    def seen_by_the_head(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        # The model's own forward may run in another precision than the scoring context says (accelerate's mixed
+        # precision wraps `model.forward` in autocast): the LM head's input tells which. Its raw output is the scale
+        # rounding errors are relative to, before a soft-cap shrinks the logits.
+        precisions.append(_precision(out.device.type, args[0].dtype))
+        head_scales.append(float(out.detach().abs().max()))
+
+    hook = scorer.lm_head.register_forward_hook(seen_by_the_head)
     try:
         with scorer.scoring_mode(shared_prefix=False):
             reference, scale = _reference(scorer, sequences, compared)
             precisions.append(_precision(scorer.device.type, scorer.lm_head.weight.dtype))
     finally:
         hook.remove()
+    scale = max(scale, abs(scorer.logit_transform.multiplier) * max(head_scales))
     compute_dtype = max(precisions, key=lambda dtype: _UNIT_ROUNDOFF.get(dtype, 2.0**-8))  # the coarsest
     packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     calls: list[int] = []  # shared-prefix attention calls per pass
