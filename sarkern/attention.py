@@ -57,7 +57,9 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "ATTENTION_NAME",
     "LAYOUT_KWARG",
+    "AttentionBackendError",
     "AttentionSegment",
+    "LayoutMissingError",
     "PackedLayout",
     "flash_attn_available",
     "register_attention",
@@ -75,6 +77,16 @@ _NATIVE_GQA_DEVICES = ("cpu",)
 
 # Default bound on one boolean mask block of the SDPA path (rows x keys): 16 Mi elements = 16 MiB.
 DEFAULT_MAX_MASK_ELEMENTS = 1 << 24
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here (missing package, device, compiler): a property of the
+    environment, not of the model."""
+
+
+class LayoutMissingError(RuntimeError):
+    """The shared-prefix attention was called without the packed layout (outside the scorer, or by a model whose
+    attention layers do not pass the backbone's keyword arguments on)."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,7 @@ def _choose_backend(layout: PackedLayout, query: torch.Tensor) -> str:
     flash_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
     if layout.backend == "flash":
         if not flash_ok:
-            raise RuntimeError(
+            raise AttentionBackendError(
                 "attention backend 'flash' needs flash-attn installed, CUDA tensors and fp16/bf16 weights; "
                 f"got device={query.device}, dtype={query.dtype}"
             )
@@ -171,7 +183,7 @@ def _choose_backend(layout: PackedLayout, query: torch.Tensor) -> str:
     if layout.backend == "flex":
         reason = flex.flex_unavailable_reason(query.device)
         if reason is not None:
-            raise RuntimeError(f"attention backend 'flex' cannot run: {reason}; use attention_backend='sdpa'")
+            raise AttentionBackendError(f"attention backend 'flex' cannot run: {reason}; use attention_backend='sdpa'")
         return "flex"
     if layout.backend == "auto":
         if flash_ok:
@@ -312,7 +324,7 @@ def shared_prefix_attention(
     """
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is None:
-        raise RuntimeError(
+        raise LayoutMissingError(
             f"the '{ATTENTION_NAME}' attention implementation only runs inside sarkern.SARScorer, which passes the "
             f"packed layout as `{LAYOUT_KWARG}`; set the model's attention implementation back to e.g. 'sdpa'"
         )
@@ -346,7 +358,10 @@ def shared_prefix_attention(
     layout.calls += 1
     if backend == "flex":
         block_mask = layout.flex_block_mask(query.device, sliding_window)
-        return flex.flex_forward(block_mask, query, key, value, scaling, softcap), None
+        try:
+            return flex.flex_forward(block_mask, query, key, value, scaling, softcap), None
+        except RuntimeError as err:  # compilation failed or too many compiled variants
+            raise AttentionBackendError(str(err)) from err
     if backend == "flash":
         return _flash_forward(layout, query, key, value, scaling, sliding_window, softcap), None
     return _sdpa_forward(layout, query, key, value, scaling, sliding_window, softcap), None

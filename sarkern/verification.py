@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .attention import AttentionBackendError, LayoutMissingError
 from .model_support import UnsupportedModelError, check_config_traps
 from .packing import Pair, build_pass, plan_passes
 
@@ -210,16 +211,38 @@ def _probe(scorer: SARScorer) -> str | None:
     compute_dtype = max(precisions, key=lambda dtype: _UNIT_ROUNDOFF.get(dtype, 2.0**-8))  # the coarsest
     packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     calls: list[int] = []  # shared-prefix attention calls per pass
-    with scorer.scoring_mode(shared_prefix=True):
-        plan = plan_passes(pairs, prefixes, completions, 1 << 62, regime=scorer.rope_regime, feed_last=scorer.feed_last)
-        for members in plan:
-            pack = build_pass(
-                [pairs[j] for j in members], prefixes, completions, scorer.attention_backend, feed_last=scorer.feed_last
+    try:
+        with scorer.scoring_mode(shared_prefix=True):
+            plan = plan_passes(
+                pairs, prefixes, completions, 1 << 62, regime=scorer.rope_regime, feed_last=scorer.feed_last
             )
-            per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
-            calls.append(pack.layout.calls)
-            for s, j in enumerate(members):
-                packed[j] = per_token[pack.segment_ids == s][-compared[j] :]
+            for members in plan:
+                pack = build_pass(
+                    [pairs[j] for j in members],
+                    prefixes,
+                    completions,
+                    scorer.attention_backend,
+                    feed_last=scorer.feed_last,
+                )
+                per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
+                calls.append(pack.layout.calls)
+                for s, j in enumerate(members):
+                    packed[j] = per_token[pack.segment_ids == s][-compared[j] :]
+    except (AttentionBackendError, torch.OutOfMemoryError):
+        raise  # the environment, not the model: nothing to remember about the model
+    except LayoutMissingError:
+        return (
+            f"{name}'s attention layers do not pass the backbone's keyword arguments on to the attention function, "
+            "so the packed layout never reaches sarkern's shared-prefix attention"
+        )
+    except NotImplementedError as err:  # the shared-prefix attention's own refusals (attention sinks, non-causal)
+        return f"{name} needs what sarkern's shared-prefix attention does not reproduce: {err}"
+    except Exception as err:  # noqa: BLE001 - whatever the model's own code does with the packed forward
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        return (
+            f"{name}'s forward fails under sarkern's shared-prefix attention ({type(err).__name__}: {first_line}); "
+            "its attention does not run through transformers' AttentionInterface the way the packed forward needs"
+        )
     if not any(calls):
         return (
             f"{name}'s attention layers never called sarkern's shared-prefix attention: they do not dispatch through "

@@ -170,12 +170,27 @@ def _family_specs() -> dict[str, tuple[type, type, dict]]:
         "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 4.0}),  # divides the logits
         "hyperclovax": (tf.HyperCLOVAXConfig, tf.HyperCLOVAXForCausalLM, {"logits_scaling": 3.0}),  # multiplies
         "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {"logit_scale": 3.0}),  # parallel blocks, logits scaled
+        "mixtral": (
+            tf.MixtralConfig,
+            tf.MixtralForCausalLM,
+            {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": SLIDING_WINDOW},
+        ),
+        "qwen2_moe": (
+            tf.Qwen2MoeConfig,
+            tf.Qwen2MoeForCausalLM,
+            {**moe, "shared_expert_intermediate_size": 16},
+        ),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 8}),
+        "phi": (tf.PhiConfig, tf.PhiForCausalLM, {}),  # partial rotary, LayerNorm, parallel blocks
+        "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM, {"head_dim": 8}),
+        "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM, {"sliding_window": SLIDING_WINDOW}),
     }
 
 
 LONGROPE_ORIGINAL = 24
 FAMILIES = [*ARCHITECTURES, "qwen3-yarn", "qwen3_moe", "olmo2", "smollm3", "gpt2", "gemma3", "phi3-longrope",
-            "llama-dynamic", "granite", "hyperclovax", "cohere", "gemma2"]  # fmt: skip
+            "llama-dynamic", "granite", "hyperclovax", "cohere", "gemma2", "mixtral", "qwen2_moe", "gemma", "phi",
+            "glm4", "olmo3"]  # fmt: skip
 
 
 def tiny_family_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -270,7 +285,7 @@ def logit_bound(model: torch.nn.Module) -> float:
     sqrt(D) * max|gamma| + ||beta||, so by Cauchy-Schwarz |z_v| <= that * max_v ||w_v|| (+ |bias|). Logit scaling
     and a final soft-cap only shrink it."""
     decoder = model.get_decoder()
-    norm = next(getattr(decoder, name) for name in ("norm", "ln_f") if hasattr(decoder, name))
+    norm = next(getattr(decoder, name) for name in ("norm", "ln_f", "final_layernorm") if hasattr(decoder, name))
     gamma = norm.weight + 1 if "Gemma" in type(norm).__name__ else norm.weight
     beta = getattr(norm, "bias", None)
     head = model.get_output_embeddings()

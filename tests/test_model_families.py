@@ -205,6 +205,30 @@ def test_a_hybrid_state_space_model_is_refused():
         SARScorer(model, placeholder_ids=PLACEHOLDER).score(*mixed_batch(seed=31))
 
 
+@pytest.mark.parametrize(
+    "family, config_fields, message",
+    [
+        # Attention sinks (`s_aux`): the shared-prefix attention refuses them by name.
+        ("GptOss", {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8}, r"does not reproduce: .*s_aux"),
+        # Attention layers that drop the backbone's keyword arguments: the layout never arrives.
+        ("StableLm", {}, r"do not pass the backbone's keyword arguments on to the attention function"),
+        # Falcon's own attention code for any implementation it does not know: fails without a mask.
+        ("Falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, r"fails under .* \(TypeError"),
+    ],
+)
+def test_families_the_scorer_cannot_reproduce_are_refused_with_the_cause(family, config_fields, message):
+    import transformers as tf
+    from scorer_models import _COMMON, _IDS
+
+    config = getattr(tf, f"{family}Config")(**{**_COMMON, **_IDS, **config_fields})
+    torch.manual_seed(0)
+    model = getattr(tf, f"{family}ForCausalLM")(config).eval()
+    scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
+    for _ in range(2):  # refused again from the cached verdict
+        with pytest.raises(UnsupportedModelError, match=message):
+            scorer.score(*mixed_batch(seed=32))
+
+
 def test_an_unknown_logit_transform_is_refused():
     from transformers import LlamaForCausalLM
 
