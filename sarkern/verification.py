@@ -182,6 +182,40 @@ def _worst(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[fl
     return worst
 
 
+def _packed(scorer: SARScorer, prefixes, completions, pairs, compared) -> tuple[list[torch.Tensor], list[int]]:
+    """The scorer's log-probs of the compared tokens of each pair (the scorer's passes, without a token budget),
+    and how many times the shared-prefix attention ran in each pass."""
+    packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    calls: list[int] = []
+    with scorer.scoring_mode(shared_prefix=True):
+        plan = plan_passes(pairs, prefixes, completions, 1 << 62, regime=scorer.rope_regime, feed_last=scorer.feed_last)
+        for members in plan:
+            pack = build_pass(
+                [pairs[j] for j in members], prefixes, completions, scorer.attention_backend, feed_last=scorer.feed_last
+            )
+            per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
+            calls.append(pack.layout.calls)
+            for s, j in enumerate(members):
+                packed[j] = per_token[pack.segment_ids == s][-compared[j] :]
+    return packed, calls
+
+
+def _failure(name: str, err: Exception) -> str:
+    """Why a model whose packed forward raised cannot be scored."""
+    if isinstance(err, LayoutMissingError):
+        return (
+            f"{name}'s attention layers do not pass the backbone's keyword arguments on to the attention function, "
+            "so the packed layout never reaches sarkern's shared-prefix attention"
+        )
+    if isinstance(err, NotImplementedError):  # the shared-prefix attention's own refusals (sinks, non-causal)
+        return f"{name} needs what sarkern's shared-prefix attention does not reproduce: {err}"
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return (
+        f"{name}'s forward fails under sarkern's shared-prefix attention ({type(err).__name__}: {first_line}); "
+        "its attention does not run through transformers' AttentionInterface the way the packed forward needs"
+    )
+
+
 def _probe(scorer: SARScorer) -> str | None:
     """None when the packed forward reproduces per-sample forwards on the probe; else the reason."""
     name = type(scorer.model).__name__
@@ -209,40 +243,13 @@ def _probe(scorer: SARScorer) -> str | None:
         hook.remove()
     scale = max(scale, abs(scorer.logit_transform.multiplier) * max(head_scales))
     compute_dtype = max(precisions, key=lambda dtype: _UNIT_ROUNDOFF.get(dtype, 2.0**-8))  # the coarsest
-    packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
-    calls: list[int] = []  # shared-prefix attention calls per pass
+
     try:
-        with scorer.scoring_mode(shared_prefix=True):
-            plan = plan_passes(
-                pairs, prefixes, completions, 1 << 62, regime=scorer.rope_regime, feed_last=scorer.feed_last
-            )
-            for members in plan:
-                pack = build_pass(
-                    [pairs[j] for j in members],
-                    prefixes,
-                    completions,
-                    scorer.attention_backend,
-                    feed_last=scorer.feed_last,
-                )
-                per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
-                calls.append(pack.layout.calls)
-                for s, j in enumerate(members):
-                    packed[j] = per_token[pack.segment_ids == s][-compared[j] :]
+        packed, calls = _packed(scorer, prefixes, completions, pairs, compared)
     except (AttentionBackendError, torch.OutOfMemoryError):
         raise  # the environment, not the model: nothing to remember about the model
-    except LayoutMissingError:
-        return (
-            f"{name}'s attention layers do not pass the backbone's keyword arguments on to the attention function, "
-            "so the packed layout never reaches sarkern's shared-prefix attention"
-        )
-    except NotImplementedError as err:  # the shared-prefix attention's own refusals (attention sinks, non-causal)
-        return f"{name} needs what sarkern's shared-prefix attention does not reproduce: {err}"
     except Exception as err:  # noqa: BLE001 - whatever the model's own code does with the packed forward
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        return (
-            f"{name}'s forward fails under sarkern's shared-prefix attention ({type(err).__name__}: {first_line}); "
-            "its attention does not run through transformers' AttentionInterface the way the packed forward needs"
-        )
+        return _failure(name, err)
     if not any(calls):
         return (
             f"{name}'s attention layers never called sarkern's shared-prefix attention: they do not dispatch through "
@@ -253,10 +260,8 @@ def _probe(scorer: SARScorer) -> str | None:
     error, i, j = _worst(packed, reference)
     if error <= tol:
         return None
-    token = lengths[i] - compared[i] + j
-    where = (
-        f"probe sequence {i} (prefix {len(sequences[i]) - lengths[i]} + completion {lengths[i]} tokens), token {token}"
-    )
+
+    # Which part differs: the logits (the model's own transformation of its LM head's output), or the packing.
     with scorer.scoring_mode(shared_prefix=False):
         head_error, _, _ = _worst(_head_only(scorer, sequences, compared), reference)
     transform = scorer.logit_transform
@@ -274,9 +279,11 @@ def _probe(scorer: SARScorer) -> str | None:
             "; some layers do not attend through it: layers that do not attend (recurrent or state-space mixers) "
             "carry state from one packed sequence into the next"
         )
+    token = lengths[i] - compared[i] + j
+    where = f"probe sequence {i} (prefix {len(sequences[i]) - lengths[i]} + completion {lengths[i]} tokens)"
     return (
         f"{name}'s packed shared-prefix forward differs from per-sample forwards by {error:.3g} in a token's log-prob "
-        f"(tolerance {tol:.3g}, {where}); the shared-prefix attention ran {min(calls)} times for {layers} layers "
-        f"(attention backend {scorer.attention_backend!r}){hint}. Something in the model (its attention, its "
-        "positions, or state shared across the packed row) does not follow the layout"
+        f"(tolerance {tol:.3g}, {where}, token {token}); the shared-prefix attention ran {min(calls)} times for "
+        f"{layers} layers (attention backend {scorer.attention_backend!r}){hint}. Something in the model (its "
+        "attention, its positions, or state shared across the packed row) does not follow the layout"
     )
