@@ -47,6 +47,7 @@ setup(
             "hypothesis>=6",
             "pytest-benchmark>=4",
             "ruff",
+            "peft>=0.17",
             "deepspeed>=0.16; platform_system == 'Linux'",
         ],
     },

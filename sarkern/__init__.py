@@ -11,12 +11,11 @@
 from .ops import linear_token_logprobs, sequence_perplexity, token_logprobs
 from .placeholder import build_placeholder_ids
 from .sar import sar_reward, sar_reward_from_nll
-from .scorer import SUPPORTED_MODEL_TYPES, SARScorer, SARScores, SelfAlignedReward, UnsupportedModelError
+from .scorer import SARScorer, SARScores, SelfAlignedReward, UnsupportedModelError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES",
     "SARScorer",
     "SARScores",
     "SelfAlignedReward",

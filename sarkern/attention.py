@@ -22,7 +22,8 @@ Backends:
 * ``"flash"`` (CUDA, fp16/bf16, ``flash-attn`` installed): one ``flash_attn_varlen_func`` call per layer; the keys of
   each segment are gathered (the prefix is repeated once per completion in the key buffer, which costs
   ``prefix_len * num_completions`` rows of K and V, not a quadratic mask). flash-attn aligns the causal mask
-  bottom-right when queries are fewer than keys, which is the rule above.
+  bottom-right when queries are fewer than keys, which is the rule above. Attention soft-capping is flash-attn's own
+  ``softcap``.
 * ``"flex"`` (CUDA by default; CPU when asked, with a C++ compiler): one compiled ``flex_attention`` call per layer
   over the packed row, with a block mask built once per pass from the layout (:meth:`PackedLayout.flex_block_mask`).
   Each query row sees at most two key intervals (its prefix's rows, then its own segment's rows up to itself, both
@@ -33,7 +34,8 @@ Backends:
   static kernel per bucket on CPU). Attention soft-capping (Gemma 2's ``softcap``) is a ``score_mod``.
 * ``"sdpa"`` (everywhere, CPU's default): one ``scaled_dot_product_attention`` call per segment (and per query chunk
   for long ones) with a boolean mask of at most ``chunk_rows x visible_keys`` elements (bounded by
-  ``max_mask_elements``), never ``[T, T]``.
+  ``max_mask_elements``), never ``[T, T]``. SDPA has no score modification, so soft-capped layers compute the same
+  blocks' scores explicitly (eager attention's arithmetic: scores in the inputs' dtype, softmax in fp32).
 
 ``"auto"`` picks flash on CUDA with fp16/bf16 weights when flash-attn is installed, else flex on CUDA when Triton (the
 compiler FlexAttention needs there) is available, else sdpa. FlexAttention is not CPU's default: there it needs a C++
@@ -55,7 +57,9 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "ATTENTION_NAME",
     "LAYOUT_KWARG",
+    "AttentionBackendError",
     "AttentionSegment",
+    "LayoutMissingError",
     "PackedLayout",
     "flash_attn_available",
     "register_attention",
@@ -73,6 +77,16 @@ _NATIVE_GQA_DEVICES = ("cpu",)
 
 # Default bound on one boolean mask block of the SDPA path (rows x keys): 16 Mi elements = 16 MiB.
 DEFAULT_MAX_MASK_ELEMENTS = 1 << 24
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here (missing package, device, compiler): a property of the
+    environment, not of the model."""
+
+
+class LayoutMissingError(RuntimeError):
+    """The shared-prefix attention was called without the packed layout (outside the scorer, or by a model whose
+    attention layers do not pass the backbone's keyword arguments on)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,9 @@ class PackedLayout:
         default_factory=dict, repr=False
     )
     _flex_masks: dict[tuple[torch.device, int | None], Any] = field(default_factory=dict, repr=False)
+    # How many attention layers ran on this layout (the scorer's verification checks that the model's attention
+    # dispatches here at all).
+    calls: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         row = 0
@@ -158,7 +175,7 @@ def _choose_backend(layout: PackedLayout, query: torch.Tensor) -> str:
     flash_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
     if layout.backend == "flash":
         if not flash_ok:
-            raise RuntimeError(
+            raise AttentionBackendError(
                 "attention backend 'flash' needs flash-attn installed, CUDA tensors and fp16/bf16 weights; "
                 f"got device={query.device}, dtype={query.dtype}"
             )
@@ -166,7 +183,7 @@ def _choose_backend(layout: PackedLayout, query: torch.Tensor) -> str:
     if layout.backend == "flex":
         reason = flex.flex_unavailable_reason(query.device)
         if reason is not None:
-            raise RuntimeError(f"attention backend 'flex' cannot run: {reason}; use attention_backend='sdpa'")
+            raise AttentionBackendError(f"attention backend 'flex' cannot run: {reason}; use attention_backend='sdpa'")
         return "flex"
     if layout.backend == "auto":
         if flash_ok:
@@ -183,6 +200,7 @@ def _flash_forward(
     value: torch.Tensor,
     scaling: float | None,
     sliding_window: int | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
@@ -203,6 +221,7 @@ def _flash_forward(
         softmax_scale=scaling,
         causal=True,
         window_size=window,
+        softcap=0.0 if softcap is None else softcap,  # flash-attn's "no cap"
     )
     return out.unsqueeze(0)  # [1, T, H, D]
 
@@ -218,6 +237,19 @@ def _segment_keys(tensor: torch.Tensor, seg: AttentionSegment, lo: int, hi: int)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
+def _softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float, softcap: float
+) -> torch.Tensor:
+    """Attention with soft-capped scores, ``softcap * tanh(scaled score / softcap)``, as transformers' eager attention
+    computes it (scores in the inputs' dtype, softmax in fp32); SDPA has no score modification. ``k``/``v`` carry as
+    many heads as ``q``; the scores are at most one mask block (``max_mask_elements``) per head."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
 def _sdpa_forward(
     layout: PackedLayout,
     query: torch.Tensor,
@@ -225,12 +257,15 @@ def _sdpa_forward(
     value: torch.Tensor,
     scaling: float | None,
     sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5  # SDPA's default
     group = query.shape[1] // key.shape[1]
     # CPU's fused SDPA kernel takes grouped K/V as is; on other devices, the memory-efficient kernel (the one that
     # accepts a boolean mask) may not, and SDPA would fall back to the math path that materialises all scores. There,
     # K/V are expanded per segment instead (small: one segment's keys).
-    native_gqa = group > 1 and query.device.type in _NATIVE_GQA_DEVICES
+    native_gqa = group > 1 and query.device.type in _NATIVE_GQA_DEVICES and softcap is None
     expand = group if group > 1 and not native_gqa else 1
     out = query.new_empty(query.shape)
     device = query.device
@@ -249,7 +284,7 @@ def _sdpa_forward(
             v = _segment_keys(value, seg, lo, hi)
             if expand > 1:
                 k, v = k.repeat_interleave(expand, dim=1), v.repeat_interleave(expand, dim=1)
-            if lo == 0 and p + j0 == 0 and sliding_window is None:
+            if lo == 0 and p + j0 == 0 and sliding_window is None and softcap is None:
                 # Square top-left causal block: SDPA's own causal path, no mask.
                 mask, is_causal = None, True
             else:
@@ -259,9 +294,13 @@ def _sdpa_forward(
                 if sliding_window is not None:
                     mask &= q_pos - k_pos < sliding_window
                 is_causal = False
-            out[:, :, seg.query_start + j0 : seg.query_start + j1] = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=native_gqa
-            )
+            rows = slice(seg.query_start + j0, seg.query_start + j1)
+            if softcap is not None:
+                out[:, :, rows] = _softcapped_attention(q, k, v, mask, scaling, softcap)
+            else:
+                out[:, :, rows] = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=native_gqa
+                )
     return out.transpose(1, 2)  # [1, T, H, D]
 
 
@@ -279,13 +318,13 @@ def shared_prefix_attention(
     """Attention function in transformers' interface for the packed shared-prefix layout.
 
     ``query [1, H, T, D]``, ``key``/``value [1, H_kv, T, D]`` (after RoPE); the layout comes in
-    ``kwargs[LAYOUT_KWARG]``. Returns ``(output [1, T, H, D], None)``. Anything it cannot compute exactly (a mask
-    passed in, dropout, attention sinks, non-causal layers, soft-capped scores outside the flex backend) raises
-    instead of being ignored.
+    ``kwargs[LAYOUT_KWARG]``. Returns ``(output [1, T, H, D], None)``. Soft-capped scores (``softcap``, Gemma 2) are
+    applied on every backend. Anything it cannot compute exactly (a mask passed in, dropout, attention sinks,
+    non-causal layers) raises instead of being ignored.
     """
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is None:
-        raise RuntimeError(
+        raise LayoutMissingError(
             f"the '{ATTENTION_NAME}' attention implementation only runs inside sarkern.SARScorer, which passes the "
             f"packed layout as `{LAYOUT_KWARG}`; set the model's attention implementation back to e.g. 'sdpa'"
         )
@@ -316,16 +355,16 @@ def shared_prefix_attention(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{name}: softcap must be positive, got {softcap}")
     backend = _choose_backend(layout, query)
+    layout.calls += 1
     if backend == "flex":
         block_mask = layout.flex_block_mask(query.device, sliding_window)
-        return flex.flex_forward(block_mask, query, key, value, scaling, softcap), None
-    if softcap is not None:
-        raise NotImplementedError(
-            f"{name} soft-caps its attention scores (softcap={softcap}); only attention_backend='flex' applies that"
-        )
+        try:
+            return flex.flex_forward(block_mask, query, key, value, scaling, softcap), None
+        except RuntimeError as err:  # compilation failed or too many compiled variants
+            raise AttentionBackendError(str(err)) from err
     if backend == "flash":
-        return _flash_forward(layout, query, key, value, scaling, sliding_window), None
-    return _sdpa_forward(layout, query, key, value, scaling, sliding_window), None
+        return _flash_forward(layout, query, key, value, scaling, sliding_window, softcap), None
+    return _sdpa_forward(layout, query, key, value, scaling, sliding_window, softcap), None
 
 
 def register_attention() -> str:

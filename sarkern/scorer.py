@@ -12,14 +12,17 @@ once with the placeholder) and materialises full ``[B, S, V]`` logits. :class:`S
   pass, without ever allocating ``[tokens, vocabulary]`` logits.
 
 The results equal those of naive per-sample forwards (``model(prompt + completion).logits`` then ``log_softmax``) up
-to floating-point reassociation. Whatever the scorer cannot reproduce exactly it refuses by name
-(:class:`UnsupportedModelError`) rather than scoring it wrong.
+to floating-point reassociation. Which models: not an allow-list; the first scoring of a model runs a short probe
+that proves this equality on the model itself (:mod:`sarkern.verification`), and whatever the scorer cannot reproduce
+exactly it refuses with the cause named (:class:`UnsupportedModelError`) rather than scoring it wrong. Input handling
+lives in :mod:`sarkern.score_inputs`, the packed layout and the planning of passes in :mod:`sarkern.packing`, what
+is read from the config (traps, logit scaling, soft-caps, length-dependent RoPE) in :mod:`sarkern.model_support`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,54 +30,31 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .attention import (
-    ATTENTION_BACKENDS,
-    LAYOUT_KWARG,
-    AttentionBackend,
-    AttentionSegment,
-    PackedLayout,
-    register_attention,
+from .attention import ATTENTION_BACKENDS, LAYOUT_KWARG, AttentionBackend, register_attention
+from .model_support import (
+    LogitTransform,
+    UnsupportedModelError,
+    check_config_traps,
+    logit_transform,
+    rope_regime,
+    text_config,
 )
-from .ops import check_temperature, sequence_perplexity
+from .ops import check_temperature, linear_token_logprobs, sequence_perplexity
+from .packing import PackedPass, Pair, build_pass, plan_passes
 from .placeholder import PlaceholderPrompts, is_conversation, validate_placeholder_preset, validate_token_ids
 from .sar import sar_reward_from_nll, validate_sar_options
+from .score_inputs import BatchIds, IdsLike, as_sequences, cond_nll_from_logprobs, placeholder_rows
 from .sharding import check_whole_parameters, gathered_call
+from .verification import verify_scorer
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES",
     "SARScorer",
     "SARScores",
     "SelfAlignedReward",
     "UnsupportedModelError",
 ]
 
-# Architectures whose forward is verified to be "backbone -> LM head" with attention that goes through transformers'
-# AttentionInterface and RoPE positions taken from position_ids (tests/test_scorer.py checks each against naive
-# forwards, sliding windows included).
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-# Config fields that change the logits or the attention scores beyond what the scorer reproduces.
-_UNSUPPORTED_CONFIG_FIELDS = {
-    "final_logit_softcapping": "final-logit soft-capping",
-    "attn_logit_softcapping": "attention-score soft-capping",
-    "logit_scale": "logit scaling",
-    "logits_scaling": "logit scaling",
-    "output_multiplier_scale": "output scaling",
-    "lm_head_multiplier": "LM-head scaling",
-}
-
-# RoPE variants that look at the longest position in the batch (or keep state across calls): in a packed batch they
-# would not see what a per-sample forward sees.
-_UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")
-
 DEFAULT_MAX_TOKENS_PER_PASS = 32768
-
-IdsLike = Sequence[int] | torch.Tensor
-BatchIds = Sequence[IdsLike] | torch.Tensor
-
-
-class UnsupportedModelError(NotImplementedError):
-    """The model (architecture or configuration) cannot be scored exactly by :class:`SARScorer`."""
 
 
 @dataclass
@@ -99,68 +79,14 @@ class SARScores:
         return self.reward.shape[0]
 
 
-@dataclass
-class _Pair:
-    """One sequence to score: completion ``completion`` after prefix number ``prefix``."""
-
-    prefix: int
-    completion: int
-
-
-def _rope_types(config: Any) -> list[str]:
-    """Every RoPE type named in the config (``rope_parameters`` may be nested per layer type)."""
-    found = []
-    for attr in ("rope_parameters", "rope_scaling"):
-        params = getattr(config, attr, None)
-        stack = [params]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, Mapping):
-                for key in ("rope_type", "type"):
-                    if isinstance(item.get(key), str):
-                        found.append(item[key])
-                stack.extend(v for v in item.values() if isinstance(v, Mapping))
-    return found
-
-
-def check_model_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` naming what the scorer cannot reproduce exactly in ``model``."""
-    config = getattr(model, "config", None)
-    model_name = type(model).__name__
-    if config is None:
-        raise UnsupportedModelError(
-            f"{model_name} has no Hugging Face config; SARScorer needs a transformers causal LM"
-        )
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"SARScorer cannot score {model_name} (model_type {model_type!r}) exactly: only "
-            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))} are verified. Other architectures may compute their logits "
-            "or attention differently (soft-capping, scaled logits, attention sinks, non-RoPE positions)."
-        )
-    for field, what in _UNSUPPORTED_CONFIG_FIELDS.items():
-        value = getattr(config, field, None)
-        if value is not None and value != 1:
-            raise UnsupportedModelError(
-                f"{model_name} uses {what} (config.{field}={value!r}), which SARScorer does not reproduce"
-            )
-    for rope_type in _rope_types(config):
-        if any(bad in rope_type for bad in _UNSUPPORTED_ROPE_TYPES):
-            raise UnsupportedModelError(
-                f"{model_name} uses RoPE type {rope_type!r}, whose frequencies depend on the longest sequence in the "
-                "batch; a packed forward would not reproduce per-sample scores"
-            )
-    if getattr(config, "is_causal", True) is False:
-        raise UnsupportedModelError(f"{model_name} is configured as non-causal (config.is_causal=False)")
-
-
 class SARScorer:
     """Scores completions with the Self-Aligned Reward using the model's current weights.
 
     Args:
-        model: a Hugging Face causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
-            ``MistralForCausalLM``); see :data:`SUPPORTED_MODEL_TYPES`. It stays where and how it is (device, dtype,
-            training mode and attention implementation are restored after each call).
+        model: a Hugging Face causal LM (a PEFT model wrapping one too) whose packed forward reproduces per-sample
+            forwards: checked on the model itself by a short probe the first time it scores
+            (:mod:`sarkern.verification`), not by its name. It stays where and how it is (device, dtype, training
+            mode and attention implementation are restored after each call).
         tokenizer: builds the placeholder prompt (:func:`sarkern.placeholder.build_placeholder_ids`); may be ``None``
             when ``placeholder_ids`` is given.
         placeholder_ids: explicit token ids of the placeholder prompt (overrides the tokenizer).
@@ -188,7 +114,8 @@ class SARScorer:
             autocast ``nn.Linear`` (and TRL's fused LM head) does.
 
     Raises:
-        UnsupportedModelError: for a model it cannot score exactly, naming the reason.
+        UnsupportedModelError: for a model it cannot score exactly, naming the reason: at construction for known
+            config traps (naming the field), at the first :meth:`score` when the probe shows a difference.
     """
 
     def __init__(
@@ -211,7 +138,7 @@ class SARScorer:
         forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
         lm_head_fp32: bool = False,
     ) -> None:
-        check_model_supported(model)
+        check_config_traps(model)
         validate_placeholder_preset(placeholder)
         if placeholder_ids is not None and placeholder != "template":
             raise ValueError(f"pass either placeholder_ids or placeholder={placeholder!r}, not both")
@@ -259,7 +186,6 @@ class SARScorer:
         self.lm_head: nn.Linear = head
         embeddings = model.get_input_embeddings()
         self.vocab_size = min(int(embeddings.num_embeddings), int(head.out_features))  # a ZeRO-3 weight has shape (0,)
-        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._attention_name = register_attention()
 
         # The placeholder of each prompt (PlaceholderPrompts.for_prompts); `placeholder_ids` is the default one.
@@ -298,7 +224,35 @@ class SARScorer:
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def _configs(self) -> list[Any]:
+    @property
+    def text_config(self) -> Any:
+        return text_config(self.model.config)
+
+    # What the scorer reads from the config is read on every use, so that it follows config changes (which also
+    # make the verification probe run again).
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.text_config, "max_position_embeddings", None)
+
+    @property
+    def logit_transform(self) -> LogitTransform:
+        """Logit scaling and final soft-capping, folded into the fused op's temperature and soft-cap."""
+        return logit_transform(self.text_config)
+
+    @property
+    def rope_regime(self) -> Callable[[int], Hashable] | None:
+        """For RoPE that depends on the sequence length, each pass holds sequences of one regime."""
+        return rope_regime(self.text_config)
+
+    @property
+    def feed_last(self) -> bool:
+        """Feed each completion's last token when RoPE depends on length, so that a pass's largest position is its
+        longest sequence's, as in a per-sample forward."""
+        return self.rope_regime is not None
+
+    def configs(self) -> list[Any]:
+        """The distinct configs of the model and its backbone (their attention implementation is switched)."""
         configs = []
         for module in (self.model, self.backbone):
             config = getattr(module, "config", None)
@@ -307,15 +261,16 @@ class SARScorer:
         return configs
 
     @contextmanager
-    def _scoring_mode(self) -> Iterator[None]:
-        """No gradients, dropout off, the shared-prefix attention on, the caller's precision (autocast) and context;
-        everything restored afterwards."""
+    def scoring_mode(self, shared_prefix: bool = True) -> Iterator[None]:
+        """No gradients, dropout off, the caller's precision (autocast) and context, and (``shared_prefix``) the
+        shared-prefix attention on; everything restored afterwards."""
         training = [(module, module.training) for module in self.model.modules()]
-        attn = [(config, config._attn_implementation) for config in self._configs()]
+        attn = [(config, config._attn_implementation) for config in self.configs()]
         try:
             self.model.eval()
-            for config, _ in attn:
-                config._attn_implementation = self._attention_name
+            if shared_prefix:
+                for config, _ in attn:
+                    config._attn_implementation = self._attention_name
             with torch.no_grad(), ExitStack() as stack:
                 if self.forward_context is not None:
                     stack.enter_context(self.forward_context())
@@ -328,129 +283,59 @@ class SARScorer:
             for module, was_training in training:
                 module.training = was_training
 
-    # ---------------------------------------------------------------------------------------------- input handling
+    # ---------------------------------------------------------------------------------------------- the LM head
 
-    def _sequences(self, ids: BatchIds, mask: torch.Tensor | None, name: str, allow_empty: bool) -> list[torch.Tensor]:
-        """A batch of id sequences (list of lists / 1-D tensors, or a 2-D tensor with an optional mask) as a list of
-        1-D int64 CPU tensors, checked against the vocabulary."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 2:
-                raise ValueError(f"{name} as a tensor must be 2-D [batch, length], got shape {tuple(ids.shape)}")
-            if mask is not None:
-                if mask.shape != ids.shape:
-                    raise ValueError(f"{name} mask shape {tuple(mask.shape)} differs from {name} {tuple(ids.shape)}")
-                keep = mask.to("cpu").bool()
-                rows = [row[m] for row, m in zip(ids.to("cpu"), keep)]
-            else:
-                rows = list(ids.to("cpu"))
+    def _head_operands(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``hidden``, the head's weight and bias in the precision the policy's own LM head multiplies in: under
+        autocast the autocast dtype (unless the head is kept in fp32), so that ppl(a|q), ppl(a) and the trainer's
+        own log-probs all come from one precision."""
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        device_type = self.device.type
+        if torch.is_autocast_enabled(device_type) and not self.lm_head_fp32:
+            dtype = torch.get_autocast_dtype(device_type)
+        elif self.lm_head_fp32:
+            dtype = torch.float32
         else:
-            if mask is not None:
-                raise ValueError(f"a {name} mask only applies to {name} given as a 2-D tensor")
-            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-                raise TypeError(
-                    f"{name} must be a list of token-id sequences or a 2-D tensor, got {type(ids).__name__}"
-                )
-            rows = []
-            for i, row in enumerate(ids):
-                if not isinstance(row, torch.Tensor):
-                    if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
-                        raise TypeError(f"{name}[{i}] must be a sequence of token ids, got {type(row).__name__}")
-                    try:
-                        # dtype inferred, not forced: floats must be refused, not truncated to ints.
-                        row = torch.as_tensor(row) if len(row) else torch.zeros(0, dtype=torch.long)
-                    except (TypeError, ValueError, RuntimeError) as err:
-                        raise TypeError(f"{name}[{i}] must hold integer token ids ({err})") from None
-                if row.dim() != 1:
-                    raise ValueError(f"{name}[{i}] must be one sequence (1-D), got shape {tuple(row.shape)}")
-                rows.append(row.to("cpu"))
-        out = []
-        for i, row in enumerate(rows):
-            if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
-                raise TypeError(f"{name}[{i}] must hold integer token ids, got dtype {row.dtype}")
-            row = row.long()
-            if row.numel() == 0 and not allow_empty:
-                raise ValueError(
-                    f"{name}[{i}] is empty: a prefix needs at least one token to predict the first completion token"
-                )
-            if row.numel():
-                low, high = int(row.min()), int(row.max())
-                if low < 0 or high >= self.vocab_size:
-                    bad = low if low < 0 else high
-                    raise ValueError(
-                        f"{name}[{i}] holds token id {bad}, outside the model's vocabulary [0, {self.vocab_size})"
-                    )
-            out.append(row)
-        return out
+            return hidden, weight, bias
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
-    def _placeholders(self, placeholder_ids: Any, batch: int) -> list[torch.Tensor]:
-        """One placeholder per completion: the scorer's, one override for all, or one per completion."""
-        if placeholder_ids is None:
-            if self.placeholder_ids is None:
-                raise ValueError("no placeholder prompt: pass placeholder_ids (the scorer was built without one)")
-            single = torch.tensor(self.placeholder_ids, dtype=torch.long)
-            return [single] * batch
-        is_single = (isinstance(placeholder_ids, torch.Tensor) and placeholder_ids.dim() == 1) or (
-            isinstance(placeholder_ids, Sequence)
-            and len(placeholder_ids) > 0
-            and not isinstance(placeholder_ids[0], (Sequence, torch.Tensor))
+    def head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Per-token log-probs of ``targets`` from hidden states ``[n, D]``, with the model's logit transform."""
+        hidden, weight, bias = self._head_operands(hidden)
+        # The ids were checked against the vocabulary on input: no device-to-host sync for the op's own check.
+        options = self.logit_transform.op_options(temperature)
+        return linear_token_logprobs(hidden, weight, targets, bias=bias, check_inputs=False, **options)
+
+    def _pass_hidden(self, pack: PackedPass) -> torch.Tensor:
+        """One packed backbone forward; the hidden state of every row that predicts a target."""
+        device = self.device
+        outputs = self.backbone(
+            input_ids=pack.input_ids.to(device),
+            position_ids=pack.position_ids.to(device),
+            use_cache=False,
+            **{LAYOUT_KWARG: pack.layout},
         )
-        if is_single:
-            single = self._sequences([placeholder_ids], None, "placeholder_ids", allow_empty=False)[0]
-            return [single] * batch
-        rows = self._sequences(placeholder_ids, None, "placeholder_ids", allow_empty=False)
-        if len(rows) != batch:
-            raise ValueError(f"got {len(rows)} placeholder prompts for {batch} completions")
-        return rows
+        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+        return hidden[0].index_select(0, pack.predict_rows.to(device))
 
-    def _cond_nll_from_logprobs(
-        self,
-        cond_logprobs: Any,
-        completions: list[torch.Tensor],
-        completion_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Mean NLL per completion from the caller's per-token log-probs (see :meth:`score`)."""
-        batch = len(completions)
-        if isinstance(cond_logprobs, torch.Tensor):
-            if cond_logprobs.dim() != 2 or cond_logprobs.shape[0] != batch:
-                raise ValueError(
-                    f"cond_logprobs as a tensor must be [batch={batch}, length], got shape {tuple(cond_logprobs.shape)}"
-                )
-            lp = cond_logprobs.detach().to("cpu", torch.float64)
-            if completion_mask is not None:
-                if completion_mask.shape != cond_logprobs.shape:
-                    raise ValueError(
-                        f"cond_logprobs {tuple(cond_logprobs.shape)} and completion_mask "
-                        f"{tuple(completion_mask.shape)} must have the same shape"
-                    )
-                keep = completion_mask.to("cpu").bool()
-                rows = [lp[i][keep[i]] for i in range(batch)]
-            else:
-                if lp.shape[1] < max((len(c) for c in completions), default=0):
-                    raise ValueError(
-                        f"cond_logprobs has {lp.shape[1]} columns, fewer than the longest completion "
-                        f"({max(len(c) for c in completions)} tokens)"
-                    )
-                rows = [lp[i, : len(completions[i])] for i in range(batch)]
-        elif isinstance(cond_logprobs, Sequence) and not isinstance(cond_logprobs, (str, bytes)):
-            if len(cond_logprobs) != batch:
-                raise ValueError(f"got cond_logprobs for {len(cond_logprobs)} completions, expected {batch}")
-            rows = [torch.as_tensor(r).detach().to("cpu", torch.float64).reshape(-1) for r in cond_logprobs]
-        else:
-            raise TypeError(
-                f"cond_logprobs must be a 2-D tensor or a list of 1-D tensors, got {type(cond_logprobs).__name__}"
-            )
-        nll = torch.full((batch,), math.nan, dtype=torch.float64)
-        for i, (row, completion) in enumerate(zip(rows, completions)):
-            if row.numel() != completion.numel():
-                raise ValueError(
-                    f"cond_logprobs[{i}] has {row.numel()} log-probs for a completion of {completion.numel()} tokens"
-                )
-            if row.numel() == 0:
-                continue
-            if bool(torch.isnan(row).any()) or bool((row > 1e-4).any()):
-                raise ValueError(f"cond_logprobs[{i}] must hold log-probabilities (<= 0, not NaN)")
-            nll[i] = -row.mean()
-        return nll.to(torch.float32)
+    def pass_logprobs(self, pack: PackedPass, temperature: float) -> torch.Tensor:
+        """Per-token log-probs of every target of one pass (the verification probe's view of a pass)."""
+        return self.head_logprobs(self._pass_hidden(pack), pack.targets.to(self.device), temperature)
+
+    def _pass_perplexity(self, pack: PackedPass) -> torch.Tensor:
+        """Perplexity of each pair of one pass: one packed backbone forward, one ``sequence_perplexity`` call."""
+        hidden, weight, bias = self._head_operands(self._pass_hidden(pack))
+        device = self.device
+        return sequence_perplexity(
+            hidden,
+            weight,
+            pack.targets.to(device),
+            pack.segment_ids.to(device),
+            pack.num_pairs,
+            bias=bias,
+            check_inputs=False,  # ids checked on input, segment ids built here
+            **self.logit_transform.op_options(self.temperature),
+        )
 
     # ---------------------------------------------------------------------------------------------------- scoring
 
@@ -488,13 +373,16 @@ class SARScorer:
                 or (with ``empty_completions="raise"``) an empty completion.
         """
         check_whole_parameters(self.model)  # never a sharded LM head read as whole (sarkern.sharding)
-        prompts = self._sequences(prompt_ids, prompt_mask, "prompt_ids", allow_empty=False)
-        completions = self._sequences(completion_ids, completion_mask, "completion_ids", allow_empty=True)
+        vocab = self.vocab_size
+        prompts = as_sequences(prompt_ids, prompt_mask, "prompt_ids", allow_empty=False, vocab_size=vocab)
+        completions = as_sequences(
+            completion_ids, completion_mask, "completion_ids", allow_empty=True, vocab_size=vocab
+        )
         batch = len(completions)
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts and {batch} completions; pass one prompt per completion")
         use_comparison = self.sar_options["use_comparison"]
-        placeholders = self._placeholders(placeholder_ids, batch) if use_comparison else []
+        placeholders = placeholder_rows(placeholder_ids, self.placeholder_ids, batch, vocab) if use_comparison else []
 
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
         valid = lengths > 0
@@ -507,7 +395,7 @@ class SARScorer:
         nan = torch.full((batch,), math.nan, dtype=torch.float32)
         cond_given = cond_logprobs is not None
         if cond_given:  # checked before any forward runs
-            nll_cond = self._cond_nll_from_logprobs(cond_logprobs, completions, completion_mask)
+            nll_cond = cond_nll_from_logprobs(cond_logprobs, completions, completion_mask)
         ppl_cond = ppl_uncond = nan
         if not cond_given or use_comparison:  # a forward is needed for at least one half
             ppl_c, ppl_u = self._perplexities(
@@ -548,10 +436,9 @@ class SARScorer:
         valid: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Conditioned and/or unconditioned perplexities of every non-empty completion, in packed passes."""
-        batch = len(completions)
         prefixes: list[torch.Tensor] = []
         prefix_index: dict[tuple[int, ...], int] = {}
-        pairs: list[_Pair] = []
+        pairs: list[Pair] = []
         halves = [h for h in (prompts, placeholders) if h is not None]
         for half in halves:
             for i, prefix in enumerate(half):
@@ -561,13 +448,41 @@ class SARScorer:
                 if key not in prefix_index:
                     prefix_index[key] = len(prefixes)
                     prefixes.append(prefix)
-                pairs.append(_Pair(prefix_index[key], i))
+                pairs.append(Pair(prefix_index[key], i))
 
         ppl = torch.full((len(pairs),), math.nan, dtype=torch.float32)
-        with self._scoring_mode():
-            for pass_pairs in self._plan_passes(pairs, prefixes, completions):
-                ppl[pass_pairs] = self._run_pass([pairs[j] for j in pass_pairs], prefixes, completions).float().cpu()
+        if not pairs:
+            return self._split_halves(ppl, prompts, placeholders, valid)
+        verify_scorer(self)  # the probe, once per model and config
+        plan = plan_passes(
+            pairs,
+            prefixes,
+            completions,
+            self.max_tokens_per_pass,
+            regime=self.rope_regime,
+            feed_last=self.feed_last,
+        )
+        with self.scoring_mode():
+            for members in plan:
+                pack = build_pass(
+                    [pairs[j] for j in members],
+                    prefixes,
+                    completions,
+                    self.attention_backend,
+                    feed_last=self.feed_last,
+                )
+                ppl[members] = self._pass_perplexity(pack).float().cpu()
+        return self._split_halves(ppl, prompts, placeholders, valid)
 
+    @staticmethod
+    def _split_halves(
+        ppl: torch.Tensor,
+        prompts: list[torch.Tensor] | None,
+        placeholders: list[torch.Tensor] | None,
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The per-pair perplexities (conditioned pairs first, then unconditioned) as rows of the batch."""
+        batch = len(valid)
         out: list[torch.Tensor | None] = []
         offset = 0
         valid_rows = valid.nonzero().squeeze(1)
@@ -581,93 +496,6 @@ class SARScorer:
             offset += count
             out.append(values)
         return out[0], out[1]
-
-    def _plan_passes(
-        self, pairs: list[_Pair], prefixes: list[torch.Tensor], completions: list[torch.Tensor]
-    ) -> list[list[int]]:
-        """Split pair indices into passes of at most ``max_tokens_per_pass`` packed tokens (greedy, in order of
-        prefix). A prefix costs its length once per pass it appears in; a completion costs its length minus one."""
-        by_prefix: dict[int, list[int]] = {}
-        for j, pair in enumerate(pairs):
-            by_prefix.setdefault(pair.prefix, []).append(j)
-        passes: list[list[int]] = []
-        current: list[int] = []
-        used = 0
-        for prefix, members in by_prefix.items():
-            prefix_in_pass = False
-            for j in members:
-                cost = len(completions[pairs[j].completion]) - 1 + (0 if prefix_in_pass else len(prefixes[prefix]))
-                if current and used + cost > self.max_tokens_per_pass:
-                    passes.append(current)
-                    current, used, prefix_in_pass = [], 0, False
-                    cost = len(completions[pairs[j].completion]) - 1 + len(prefixes[prefix])
-                current.append(j)
-                used += cost
-                prefix_in_pass = True
-        if current:
-            passes.append(current)
-        return passes
-
-    def _run_pass(
-        self, pairs: list[_Pair], prefixes: list[torch.Tensor], completions: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """Perplexity of each pair of one pass: one packed backbone forward, one ``sequence_perplexity`` call."""
-        tokens: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
-        segments: list[AttentionSegment] = []
-        predict_rows: list[torch.Tensor] = []  # packed row whose hidden state predicts each target
-        targets: list[torch.Tensor] = []
-        segment_ids: list[torch.Tensor] = []
-        row = 0
-        prefix_rows: dict[int, tuple[int, int]] = {}  # prefix -> (start row, length) in this pass
-        for s, pair in enumerate(pairs):
-            if pair.prefix not in prefix_rows:
-                prefix = prefixes[pair.prefix]
-                p = len(prefix)
-                prefix_rows[pair.prefix] = (row, p)
-                tokens.append(prefix)
-                positions.append(torch.arange(p))
-                segments.append(AttentionSegment(query_start=row, query_len=p))
-                row += p
-            start, p = prefix_rows[pair.prefix]
-            completion = completions[pair.completion]
-            n = len(completion) - 1  # the last completion token predicts nothing we need
-            tokens.append(completion[:n])
-            positions.append(torch.arange(p, p + n))
-            segments.append(AttentionSegment(query_start=row, query_len=n, prefix_start=start, prefix_len=p))
-            predict_rows.append(torch.cat([torch.tensor([start + p - 1]), torch.arange(row, row + n)]))
-            targets.append(completion)
-            segment_ids.append(torch.full((n + 1,), s, dtype=torch.long))
-            row += n
-
-        device = self.device
-        input_ids = torch.cat(tokens).unsqueeze(0).to(device)
-        position_ids = torch.cat(positions).unsqueeze(0).to(device)
-        layout = PackedLayout(tuple(segments), total_len=row, backend=self.attention_backend)
-        outputs = self.backbone(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **{LAYOUT_KWARG: layout}
-        )
-        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
-        hidden = hidden[0].index_select(0, torch.cat(predict_rows).to(device))
-        weight, bias = self.lm_head.weight, self.lm_head.bias
-        # Under autocast the policy's LM head multiplies in the autocast dtype (unless it is kept in fp32): do the same,
-        # so that ppl(a|q), ppl(a) and the trainer's own log-probs all come from one precision.
-        if torch.is_autocast_enabled(device.type) and not self.lm_head_fp32:
-            dtype = torch.get_autocast_dtype(device.type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        elif self.lm_head_fp32:
-            hidden, weight = hidden.float(), weight.float()
-            bias = None if bias is None else bias.float()
-        return sequence_perplexity(
-            hidden,
-            weight,
-            torch.cat(targets).to(device),
-            torch.cat(segment_ids).to(device),
-            len(pairs),
-            bias=bias,
-            temperature=self.temperature,
-        )
 
 
 class SelfAlignedReward:

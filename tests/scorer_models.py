@@ -90,6 +90,127 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+# Every decoder family the scorer is tested on, as tiny random models (name -> config class, model class, config
+# fields). `tiny_family_model` builds them; the families' own quirks are made to bite at these sizes: windows shorter
+# than the test sequences, several RoPE bases, caps small enough to change the scores.
+_IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+
+
+def _family_specs() -> dict[str, tuple[type, type, dict]]:
+    import transformers as tf
+
+    moe = {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+    return {
+        "qwen3-yarn": (
+            Qwen3Config,
+            Qwen3ForCausalLM,
+            {
+                "head_dim": 8,
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "rope_theta": 10000.0,
+                },
+            },
+        ),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, moe),
+        "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
+        # NoPE on every second layer, the RoPE layers sliding.
+        "smollm3": (
+            tf.SmolLM3Config,
+            tf.SmolLM3ForCausalLM,
+            {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": SLIDING_WINDOW},
+        ),
+        # Sliding and global layers, two RoPE bases, linear scaling on the global layers.
+        "gemma3": (
+            tf.Gemma3TextConfig,
+            tf.Gemma3ForCausalLM,
+            {
+                "head_dim": 8,
+                "sliding_window": SLIDING_WINDOW,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                },
+            },
+        ),
+        # Final-logit and attention soft-capping, with caps that bite at these scales.
+        "gemma2": (
+            tf.Gemma2Config,
+            tf.Gemma2ForCausalLM,
+            {
+                "head_dim": 8,
+                "sliding_window": SLIDING_WINDOW,
+                "final_logit_softcapping": 2.0,
+                "attn_logit_softcapping": 1.0,
+            },
+        ),
+        # Long factors beyond 24 positions: the test batches hold sequences on both sides.
+        "phi3-longrope": (
+            tf.Phi3Config,
+            tf.Phi3ForCausalLM,
+            {
+                "original_max_position_embeddings": LONGROPE_ORIGINAL,
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "short_factor": [1.0, 1.5, 2.0, 2.5],
+                    "long_factor": [3.0, 5.0, 7.0, 9.0],
+                    "original_max_position_embeddings": LONGROPE_ORIGINAL,
+                    "rope_theta": 10000.0,
+                },
+            },
+        ),
+        "llama-dynamic": (
+            LlamaConfig,
+            LlamaForCausalLM,
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+        ),
+        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 4.0}),  # divides the logits
+        "hyperclovax": (tf.HyperCLOVAXConfig, tf.HyperCLOVAXForCausalLM, {"logits_scaling": 3.0}),  # multiplies
+        "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {"logit_scale": 3.0}),  # parallel blocks, logits scaled
+        "mixtral": (
+            tf.MixtralConfig,
+            tf.MixtralForCausalLM,
+            {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": SLIDING_WINDOW},
+        ),
+        "qwen2_moe": (
+            tf.Qwen2MoeConfig,
+            tf.Qwen2MoeForCausalLM,
+            {**moe, "shared_expert_intermediate_size": 16},
+        ),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 8}),
+        "phi": (tf.PhiConfig, tf.PhiForCausalLM, {}),  # partial rotary, LayerNorm, parallel blocks
+        "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM, {"head_dim": 8}),
+        "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM, {"sliding_window": SLIDING_WINDOW}),
+    }
+
+
+LONGROPE_ORIGINAL = 24
+FAMILIES = [*ARCHITECTURES, "qwen3-yarn", "qwen3_moe", "olmo2", "smollm3", "gpt2", "gemma3", "phi3-longrope",
+            "llama-dynamic", "granite", "hyperclovax", "cohere", "gemma2", "mixtral", "qwen2_moe", "gemma", "phi",
+            "glm4", "olmo3"]  # fmt: skip
+
+
+def tiny_family_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised fp32 causal LM of family ``name`` (one of ``FAMILIES``), in eval mode."""
+    if name in ARCHITECTURES:
+        return tiny_model(name, seed, **overrides)
+    torch.manual_seed(seed)
+    if name == "gpt2":  # learned absolute positions, LayerNorm, biases everywhere
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=MODEL_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
+            initializer_range=0.3, tie_word_embeddings=False, **_IDS, **overrides,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config).float().eval()
+    config_cls, model_cls, extra = _family_specs()[name]
+    config = config_cls(**{**_COMMON, **_IDS, **extra, **overrides})
+    return model_cls(config).float().eval()
+
+
 def _base_tokenizer() -> Tokenizer:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(string.printable))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -127,7 +248,10 @@ def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
     versions = tuple(p._version for p in model.parameters())
     cached = _FLOAT64_COPIES.get(model)
     if cached is None or cached[0] != versions:
-        cached = (versions, copy.deepcopy(model).double().eval())
+        double = copy.deepcopy(model).double().eval()
+        if getattr(double.config, "_experts_implementation", None) not in (None, "eager"):
+            double.set_experts_implementation("eager")  # grouped-GEMM experts have no float64 kernel
+        cached = (versions, double)
         _FLOAT64_COPIES[model] = cached
     return cached[1]
 
@@ -156,14 +280,21 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def logit_bound(model: torch.nn.Module) -> float:
-    """An upper bound on |logit| for any input, from the weights alone: the final RMSNorm's output has norm at most
-    sqrt(D) * max|gamma|, so by Cauchy-Schwarz |z_v| <= sqrt(D) * max|gamma| * max_v ||w_v|| (+ |bias|)."""
-    gamma = model.get_decoder().norm.weight
+    """An upper bound on |logit| for any input, from the weights alone: the final norm's output ``gamma * xhat +
+    beta`` (RMSNorm or LayerNorm, ``||xhat|| <= sqrt(D)``; Gemma's RMSNorm scales by ``1 + gamma``) has norm at most
+    sqrt(D) * max|gamma| + ||beta||, so by Cauchy-Schwarz |z_v| <= that * max_v ||w_v|| (+ |bias|). Logit scaling
+    and a final soft-cap only shrink it."""
+    decoder = model.get_decoder()
+    norm = next(getattr(decoder, name) for name in ("norm", "ln_f", "final_layernorm") if hasattr(decoder, name))
+    gamma = norm.weight + 1 if "Gemma" in type(norm).__name__ else norm.weight
+    beta = getattr(norm, "bias", None)
     head = model.get_output_embeddings()
-    bound = math.sqrt(gamma.numel()) * gamma.abs().max().item() * head.weight.norm(dim=1).max().item()
+    norm_bound = math.sqrt(gamma.numel()) * gamma.abs().max().item() + (0 if beta is None else beta.norm().item())
+    bound = norm_bound * head.weight.norm(dim=1).max().item()
     if getattr(head, "bias", None) is not None:
         bound += head.bias.abs().max().item()
-    return bound
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return bound if cap is None else min(bound, cap)
 
 
 def fp32_nll_tolerance(model: torch.nn.Module, max_len: int, temperature: float = 1.0) -> float:
@@ -179,7 +310,8 @@ def fp32_nll_tolerance(model: torch.nn.Module, max_len: int, temperature: float 
     different orders) may differ by twice this.
     """
     config = model.config
-    widest = max(config.hidden_size, config.intermediate_size, getattr(config, "head_dim", 0) or 0, max_len)
+    mlp = getattr(config, "intermediate_size", None) or 4 * config.hidden_size  # GPT-2: n_inner or 4 D
+    widest = max(config.hidden_size, mlp, getattr(config, "head_dim", 0) or 0, max_len)
     stages = 3 * config.num_hidden_layers + 1
     return 2 * stages * widest * FP32_UNIT_ROUNDOFF * logit_bound(model) / temperature
 

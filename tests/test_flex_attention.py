@@ -13,12 +13,13 @@ import types
 import pytest
 import torch
 from attention_reference import assert_attention_close, dense_layout_mask, dense_reference
-from scorer_models import ARCHITECTURES, naive_perplexity, tiny_model
+from scorer_models import FAMILIES, naive_perplexity, tiny_family_model, tiny_model
 from test_scorer import PLACEHOLDER, assert_ppl_close, mixed_batch, tolerance
 
 from sarkern import attention, flex
 from sarkern.attention import AttentionSegment, PackedLayout, shared_prefix_attention
 from sarkern.scorer import SARScorer
+from sarkern.verification import verify_scorer
 
 # Two groups: prefix 5 with completions of 7, 0 and 3 rows; prefix 1 with one of 4 rows and a one-row completion.
 MIXED = PackedLayout(
@@ -148,8 +149,9 @@ def test_soft_capped_scores(window, eager_flex):
     tol = assert_attention_close(out, q, k, v, layout, 0.4, window, softcap=1.5)
     uncapped = dense_reference(q, k, v, layout, 0.4, window)
     assert (out.double() - uncapped).abs().max() > 100 * tol
-    with pytest.raises(NotImplementedError, match="only attention_backend='flex'"):
-        run_attention(layout, "sdpa", q, k, v, window, softcap=1.5)
+    sdpa = run_attention(layout, "sdpa", q, k, v, window, softcap=1.5)  # the explicit soft-capped path
+    assert_attention_close(sdpa, q, k, v, layout, 0.4, window, softcap=1.5)
+    torch.testing.assert_close(out, sdpa, rtol=0, atol=2 * tol)
     with pytest.raises(ValueError, match="softcap must be positive"):
         run_attention(layout, "flex", q, k, v, window, softcap=0.0)
 
@@ -188,12 +190,17 @@ def test_compilation_failure_is_reported_by_name(monkeypatch):
         run_attention(MIXED, "flex", q, k, v, None)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen2-sliding", "qwen3-sliding"])
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen2-sliding", "qwen3-sliding", "gemma3", "gemma2"])
 def test_scorer_on_flex_matches_naive_forwards_and_sdpa(arch, eager_flex):
-    assert arch in ARCHITECTURES
-    model = tiny_model(arch)
+    """Scorer level, on the flex backend (run eagerly, test-only, at tiny shapes): Gemma3's sliding and global layers
+    with two RoPE bases, Gemma2's soft-capped attention scores (FlexAttention's score_mod)."""
+    assert arch in FAMILIES
+    model = tiny_family_model(arch)
     prompts, completions = mixed_batch(seed=11)
-    scores = SARScorer(model, placeholder_ids=PLACEHOLDER, attention_backend="flex").score(prompts, completions)
+    scorer = SARScorer(model, placeholder_ids=PLACEHOLDER, attention_backend="flex")
+    verify_scorer(scorer)  # the first-use probe runs on flex too
+    eager_flex.clear()
+    scores = scorer.score(prompts, completions)
     assert len(eager_flex) == model.config.num_hidden_layers  # both halves in one pass: one call per layer
     tol = tolerance(model, prompts, completions)
     assert_ppl_close(scores.ppl_cond, [naive_perplexity(model, p, c) for p, c in zip(prompts, completions)], tol)

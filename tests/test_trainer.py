@@ -193,3 +193,55 @@ def test_truncated_completions_are_rescored_not_reused(tmp_path):
     call = recorder.score_calls[0]
     assert call["cond_logprobs"] is None and len(recorder.score_calls) == 1  # completions of 6 tokens are truncated
     assert (call["scores"].ppl_cond[call["scores"].valid] > 1.0).all()
+
+
+def tiny_family_dir(tmp_path, family: str):
+    """A tiny random model of another family saved next to the bundled model's tokenizer, as `--model` takes it."""
+    import shutil
+
+    from scorer_models import tiny_family_model
+    from transformers import AutoConfig
+
+    bundled = AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    model = tiny_family_model(family, vocab_size=bundled.vocab_size, pad_token_id=0, bos_token_id=None, eos_token_id=3)
+    path = tmp_path / family
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TINY_MODEL_DIR / name, path / name)
+    return path
+
+
+def test_trainer_accepts_every_family_the_scorer_accepts(tmp_path):
+    """No allow-list in the trainer or `sarkern train --model`: a Gemma3 model (sliding and global layers, two RoPE
+    bases) trains with SAR like the bundled Qwen2."""
+    trainer = build_trainer(options(tmp_path, model=str(tiny_family_dir(tmp_path, "gemma3")), steps=1))
+    assert trainer.sar_scorer.model.config.model_type == "gemma3_text"
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "reward" in e)
+    assert math.isfinite(entry["rewards/sar/mean"]) and math.isfinite(entry["sar/ppl_uncond"])
+
+
+def test_trainer_with_a_peft_lora_policy(tmp_path, monkeypatch):
+    """`SARGRPOTrainer(peft_config=...)`: TRL wraps the policy in a PeftModel; SAR scores with the adapters on."""
+    peft = pytest.importorskip("peft", reason="peft is an optional dependency")
+    from sarkern import trainer as trainer_module
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    real = trainer_module.SARGRPOTrainer
+    monkeypatch.setattr(trainer_module, "SARGRPOTrainer", lambda **kwargs: real(peft_config=lora, **kwargs))
+    trainer = build_trainer(options(tmp_path, steps=1, learning_rate=1e-2))
+    assert isinstance(trainer.sar_scorer.model, peft.PeftModel)
+    recorder = Recorder(trainer)
+    trainer.train()
+    assert recorder.score_calls and all(torch.isfinite(c["scores"].ppl_uncond).any() for c in recorder.score_calls)
+    # After a step the adapters are non-zero and the scorer sees them: its ppl(a|q) equals the PEFT model's own.
+    from scorer_models import fp32_nll_tolerance, naive_perplexity
+
+    policy = trainer.sar_scorer.model
+    assert any(p.abs().max() > 0 for n, p in policy.named_parameters() if "lora_B" in n)
+    call = recorder.score_calls[-1]
+    prompt, completion = call["prompt_ids"][0], call["completion_ids"][0]
+    scores = trainer.sar_scorer.score([prompt], [completion])
+    expected = naive_perplexity(policy, list(prompt), list(completion))
+    bound = fp32_nll_tolerance(policy.get_base_model(), len(prompt) + len(completion))
+    assert abs(math.log(scores.ppl_cond.item() / expected)) <= bound
