@@ -625,11 +625,47 @@ def primary_sarkern(run: Run) -> str:
     return unchecked[0] if unchecked else keys[0]
 
 
+def tile_candidates(run: Run) -> dict[str, tuple[str, dict]]:
+    """The primary sarkern variant again with each candidate forward tile of `sarkern.kernels.linear_logprobs`
+    (FORWARD_CANDIDATES_16), forced through SARKERN_FORWARD_BLOCKS: what the next change of the default would be."""
+    try:
+        from sarkern.kernels.linear_logprobs import FORWARD_CANDIDATES_16
+    except ImportError:  # a sarkern without candidates
+        return {}
+    backend, kwargs = sarkern_variants(run)[primary_sarkern(run)]
+    out = {}
+    for b in FORWARD_CANDIDATES_16:
+        spec = f"{b.block_n},{b.block_v},{b.block_d},{b.num_warps},{b.num_stages}"
+        key = f"{primary_sarkern(run)}, tile {b.block_n}x{b.block_v}x{b.block_d} w{b.num_warps} s{b.num_stages}"
+        out[key] = (backend, {**kwargs, "forward_blocks": spec})
+    return out
+
+
+@contextlib.contextmanager
+def forward_blocks_env(spec: str | None):
+    """SARKERN_FORWARD_BLOCKS=spec for the duration (None: unchanged)."""
+    if spec is None:
+        yield
+        return
+    before = os.environ.get("SARKERN_FORWARD_BLOCKS")
+    os.environ["SARKERN_FORWARD_BLOCKS"] = spec
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SARKERN_FORWARD_BLOCKS", None)
+        else:
+            os.environ["SARKERN_FORWARD_BLOCKS"] = before
+
+
 def _sarkern_runner(op: str, backend: str, kwargs: dict, inputs, backward: bool):
     import sarkern
 
+    kwargs = dict(kwargs)
+    blocks = kwargs.pop("forward_blocks", None)
+
     def compute(x):
-        with sarkern_backend(backend):
+        with sarkern_backend(backend), forward_blocks_env(blocks):
             if op == "linear":
                 return sarkern.linear_token_logprobs(x.hidden, x.weight, x.targets, **kwargs)
             return sarkern.token_logprobs(x.logits, x.targets, **kwargs)
@@ -719,6 +755,8 @@ def _time_mode(run: Run, family: str, backward: bool, shape, dtype, result: dict
     settings, device = run.settings, run.device
     mode = "forward_backward" if backward else "forward"
     variants = sarkern_variants(run)
+    if family == "linear" and not backward:
+        variants.update(tile_candidates(run))
     peers = {k: f for k, f in contenders.FAMILIES[family].items() if k != "sarkern"}
     inputs = contenders.make_inputs(
         family, *shape, dtype, settings.device, backward, seed=11, generate_on_device=device.cuda

@@ -22,6 +22,7 @@ The backward is in `linear_logprobs_grad.py`; the logit tile both share is `_log
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -62,13 +63,33 @@ COMBINE_BLOCK = 128
 
 
 def forward_blocks(dtype: torch.dtype, arch: int, softcap: bool = False) -> Blocks:
-    """The forward's tiles for operands of `dtype` on compute capability `arch` (90 for sm_90, 0 interpreted)."""
+    """The forward's tiles for operands of `dtype` on compute capability `arch` (90 for sm_90, 0 interpreted).
+    `SARKERN_FORWARD_BLOCKS=N,V,D,warps,stages` overrides them on a GPU, to time a candidate (`make gpu-check`)."""
     if arch == 0:
         return INTERPRETER_BLOCKS
+    override = _blocks_override()
+    if override is not None:
+        return override
     width = 32 if dtype == torch.float32 else 16
     if softcap and width == 16:
         return SOFTCAP_BLOCKS_16
     return FORWARD_BLOCKS[(90 if arch >= 90 else 80, width)]
+
+
+def _blocks_override() -> Blocks | None:
+    text = os.environ.get("SARKERN_FORWARD_BLOCKS", "").strip()
+    if not text:
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 5 or any(v <= 0 for v in values) or any(v & (v - 1) for v in values[:4]):
+        raise ValueError(
+            f"SARKERN_FORWARD_BLOCKS={text!r}: expected BLOCK_N,BLOCK_V,BLOCK_D,num_warps,num_stages, the first four "
+            "powers of two and all positive (e.g. 128,64,64,4,4)"
+        )
+    return Blocks(*values)
 
 
 @triton.jit

@@ -131,3 +131,18 @@ def test_bf16_gradients_accumulate_in_fp32_on_the_torch_path(monkeypatch):
     for ours, exact in ((weight.grad, weight_ref.grad), (hidden.grad, hidden_ref.grad)):
         final_rounding = (exact.bfloat16().double() - exact).abs().max()
         assert (ours.double() - exact).abs().max() <= 1.25 * final_rounding
+
+
+def test_forward_tile_override_is_validated(monkeypatch):
+    """SARKERN_FORWARD_BLOCKS (the tile candidates `make gpu-check` times) overrides the table on a GPU, and a
+    malformed value is refused by name rather than launched."""
+    pytest.importorskip("triton")
+    from sarkern.kernels.linear_logprobs import Blocks, forward_blocks
+
+    monkeypatch.setenv("SARKERN_FORWARD_BLOCKS", "128,64,64,4,4")
+    assert forward_blocks(torch.bfloat16, 90) == Blocks(128, 64, 64, 4, 4)
+    assert forward_blocks(torch.bfloat16, 0).block_n == 16  # the interpreter keeps its tiny tiles
+    for bad in ("128,64,64,4", "128,60,64,4,4", "a,b,c,d,e", "128,64,64,4,0"):
+        monkeypatch.setenv("SARKERN_FORWARD_BLOCKS", bad)
+        with pytest.raises(ValueError, match="SARKERN_FORWARD_BLOCKS"):
+            forward_blocks(torch.bfloat16, 90)
