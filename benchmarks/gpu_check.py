@@ -280,17 +280,25 @@ class Device:
 
 
 @contextlib.contextmanager
-def sarkern_backend(name: str):
-    """Run sarkern's ops under SARKERN_BACKEND=name (read at every call)."""
-    before = os.environ.get("SARKERN_BACKEND")
-    os.environ["SARKERN_BACKEND"] = name
+def env_var(name: str, value: str | None):
+    """`name=value` in the environment for the duration (None: unchanged); sarkern reads its variables per call."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("SARKERN_BACKEND", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["SARKERN_BACKEND"] = before
+            os.environ[name] = before
+
+
+def sarkern_backend(name: str):
+    """Run sarkern's ops under SARKERN_BACKEND=name."""
+    return env_var("SARKERN_BACKEND", name)
 
 
 def _ratio(value: float, reference: float) -> float | None:
@@ -641,23 +649,6 @@ def tile_candidates(run: Run) -> dict[str, tuple[str, dict]]:
     return out
 
 
-@contextlib.contextmanager
-def forward_blocks_env(spec: str | None):
-    """SARKERN_FORWARD_BLOCKS=spec for the duration (None: unchanged)."""
-    if spec is None:
-        yield
-        return
-    before = os.environ.get("SARKERN_FORWARD_BLOCKS")
-    os.environ["SARKERN_FORWARD_BLOCKS"] = spec
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("SARKERN_FORWARD_BLOCKS", None)
-        else:
-            os.environ["SARKERN_FORWARD_BLOCKS"] = before
-
-
 def _sarkern_runner(op: str, backend: str, kwargs: dict, inputs, backward: bool):
     import sarkern
 
@@ -665,7 +656,7 @@ def _sarkern_runner(op: str, backend: str, kwargs: dict, inputs, backward: bool)
     blocks = kwargs.pop("forward_blocks", None)
 
     def compute(x):
-        with sarkern_backend(backend), forward_blocks_env(blocks):
+        with sarkern_backend(backend), env_var("SARKERN_FORWARD_BLOCKS", blocks):
             if op == "linear":
                 return sarkern.linear_token_logprobs(x.hidden, x.weight, x.targets, **kwargs)
             return sarkern.token_logprobs(x.logits, x.targets, **kwargs)

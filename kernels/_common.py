@@ -73,7 +73,8 @@ class KernelSpec:
     gemm_dtype: str | None = None
 
 
-TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Triton signature names of the operand dtypes (compile_specs).
+TL_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @triton.jit

@@ -31,6 +31,7 @@ import triton.language as tl
 from ._common import (
     LN2,
     LOG2E,
+    TL_TYPE_NAMES,
     Blocks,
     KernelSpec,
     arch_family,
@@ -396,15 +397,13 @@ def linear_logprobs_forward(
 
 # ------------------------------------------------------------------------------------- ahead-of-time compile check
 
-_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every forward configuration the launcher can choose on `arch`: per operand dtype, the plain tiles with and
     without entropy and bias, the soft-capped tiles with everything on, and the 16-bit candidates."""
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        name = _TL_NAMES[dtype]
+        name = TL_TYPE_NAMES[dtype]
         variants = [
             ("plain", forward_blocks(dtype, arch), False, False),
             ("entropy+bias", forward_blocks(dtype, arch), True, False),

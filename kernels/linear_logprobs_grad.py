@@ -20,6 +20,7 @@ import triton.language as tl
 from ._common import (
     LN2,
     LOG2E,
+    TL_TYPE_NAMES,
     Blocks,
     KernelSpec,
     arch_family,
@@ -257,15 +258,13 @@ def linear_logprobs_backward(
 
 # ------------------------------------------------------------------------------------- ahead-of-time compile check
 
-_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 def compile_specs(arch: int) -> list[KernelSpec]:
     """The gradient tile's configurations on `arch`: heaviest variant (bias, soft-cap, entropy gradient) and
     lightest (log-prob gradient only), for each operand dtype."""
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        name = _TL_NAMES[dtype]
+        name = TL_TYPE_NAMES[dtype]
         for heavy in (True, False):
             blocks = grad_blocks(dtype, arch, heavy)
             specs.append(
