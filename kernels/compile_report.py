@@ -171,16 +171,29 @@ def all_jobs() -> list[tuple[str, int, int]]:
     ]
 
 
+def _ptxas_version(capability: int) -> str:
+    """The version of the ptxas Triton uses for `capability` (Triton 3.9 uses a newer one from sm_90 on)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(capability).path
+    except (ImportError, AttributeError):
+        path = _tool("ptxas")
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip()
+    return out.splitlines()[-1].removeprefix("Build ") if out else "?"
+
+
 def render(rows: list[Row]) -> str:
     import torch
     import triton
 
-    ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Triton kernels compiled ahead of time (static report)",
         "",
         f"Regenerate with `make static-report` (`python -m sarkern.kernels.compile_report --out {DEFAULT_OUT}`).",
-        f"Triton {triton.__version__}, torch {torch.__version__}, {ptxas.splitlines()[-1] if ptxas else 'ptxas ?'}.",
+        f"Triton {triton.__version__}, torch {torch.__version__}; "
+        + "; ".join(f"{t.name}: ptxas {_ptxas_version(t.capability)}" for t in TARGETS)
+        + ".",
         "Every configuration the launchers can choose, in its heaviest and lightest variant; CTAs per SM follow from",
         "registers (allocated per warp in units of 256), shared memory (+1 KiB reserved per CTA) and threads.",
         "`MMA` counts tensor-core instructions in the SASS (HGMMA = wgmma on sm_90a, HMMA on sm_80); `EX2` counts",
