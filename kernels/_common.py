@@ -55,13 +55,16 @@ class Blocks:
     block_d: int = 0
     num_warps: int = 4
     num_stages: int = 1
+    # Programs per SM on the GPUs the table targets, as the compile check finds them (it fails if they differ).
+    ctas_per_sm: int = 1
 
 
 @dataclass(frozen=True)
 class KernelSpec:
     """One configuration a launcher can choose, as the ahead-of-time compile check builds it (see compile_report):
     `pointers` maps pointer arguments to element types (others are fp32), `floats` names the fp32 scalars (other
-    scalars are i32), and `gemm_dtype` is the operand type of the kernel's `tl.dot` loop, if it has one."""
+    scalars are i32), `gemm_dtype` is the operand type of the kernel's `tl.dot` loop, if it has one, and
+    `ctas_per_sm` the occupancy the launcher assumes."""
 
     name: str
     kernel: Any
@@ -71,6 +74,7 @@ class KernelSpec:
     pointers: dict = field(default_factory=dict)
     floats: tuple = ()
     gemm_dtype: str | None = None
+    ctas_per_sm: int | None = None  # what the launcher assumes (sizing its grid), checked against the compiled code
 
 
 # Triton signature names of the operand dtypes (compile_specs).

@@ -6,9 +6,10 @@ Each `KernelSpec` of the kernel files (`compile_specs(arch)`) is compiled for sm
 by Triton's own compiler (ptxas, cuobjdump and nvdisasm ship with Triton; no GPU or driver is needed). From the cubin
 it reads registers per thread, stack, shared memory and the SASS, and derives CTAs per SM and the matrix
 instructions of the GEMM loop. `--check` exits with status 1 when a configuration spills registers to local memory,
-needs more shared memory than the SM has, or runs a 16-bit GEMM loop without tensor-core MMA (wgmma, `HGMMA` in
-SASS, on sm_90a; `HMMA` on sm_80). Triton's interpreter must be off (`TRITON_INTERPRET` unset): it replaces the
-kernels by Python functions that cannot be compiled.
+needs more shared memory than the SM has, runs a 16-bit GEMM loop without tensor-core MMA (wgmma, `HGMMA` in
+SASS, on sm_90a; `HMMA` on sm_80), or fits a different number of programs per SM than its launcher assumes.
+Triton's interpreter must be off (`TRITON_INTERPRET` unset): it replaces the kernels by Python functions that cannot
+be compiled.
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def compile_one(job: tuple[str, int, int]) -> Row:
         problems.append(f"shared memory {shared} B > {target.smem_per_cta} B per CTA")
     if spec.gemm_dtype in ("bf16", "fp16") and mma == 0:
         problems.append(f"16-bit GEMM loop without {target.mma}")
+    if spec.ctas_per_sm is not None and ctas != spec.ctas_per_sm:
+        problems.append(f"{ctas} CTAs per SM, but the launcher sizes its grid for {spec.ctas_per_sm}")
     return Row(
         target=target.name,
         kernel=spec.name,

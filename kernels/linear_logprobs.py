@@ -49,8 +49,8 @@ from ._common import (
 FORWARD_BLOCKS = {
     (90, 16): Blocks(128, 128, 64, num_warps=8, num_stages=3),
     (80, 16): Blocks(128, 128, 32, num_warps=8, num_stages=4),
-    (90, 32): Blocks(64, 64, 32, num_warps=4, num_stages=3),
-    (80, 32): Blocks(64, 64, 16, num_warps=4, num_stages=3),
+    (90, 32): Blocks(64, 64, 32, num_warps=4, num_stages=3, ctas_per_sm=2),
+    (80, 32): Blocks(64, 64, 16, num_warps=4, num_stages=3, ctas_per_sm=2),
 }
 # Soft-capping adds a tanh (exp, divide) per logit to the epilogue: with 16-bit operands the [128, 128] tile then
 # spills on sm_90a, so capped logits take half as many rows per tile.
@@ -58,7 +58,7 @@ SOFTCAP_BLOCKS_16 = Blocks(64, 128, 64, num_warps=8, num_stages=3)
 # A candidate a GPU run may time against the default (compiled and reported too): a 64-wide vocabulary tile with one
 # warpgroup, so that two programs share an SM and one's softmax epilogue overlaps the other's loads. (A fourth
 # pipeline stage for the default tile spills on both architectures.)
-FORWARD_CANDIDATES_16 = (Blocks(128, 64, 64, num_warps=4, num_stages=4),)
+FORWARD_CANDIDATES_16 = (Blocks(128, 64, 64, num_warps=4, num_stages=4, ctas_per_sm=2),)
 INTERPRETER_BLOCKS = Blocks(16, 32, 16, num_warps=1, num_stages=1)
 COMBINE_BLOCK = 128
 
@@ -283,11 +283,11 @@ def _combine_kernel(
         tl.atomic_add(segment_counts_ptr + segments, tl.where(counted, 1.0, 0.0), mask=counted)
 
 
-def resident_programs(device: torch.device) -> int:
-    """Programs of the forward resident at once: one per SM (its 16-bit tile needs most of an SM's registers)."""
+def resident_programs(device: torch.device, blocks: Blocks) -> int:
+    """Programs of the forward resident at once: SMs x the tile's programs per SM (checked by the compile report)."""
     if device.type != "cuda":
         return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count * blocks.ctas_per_sm
 
 
 def num_splits(n_blocks: int, n_vocab_tiles: int, resident: int) -> int:
@@ -323,7 +323,7 @@ def linear_logprobs_forward(
     blocks = forward_blocks(hidden.dtype, 0 if interpreting() else arch_family(device), bool(softcap))
     n_blocks = max(1, triton.cdiv(n_tokens, blocks.block_n))
     n_vocab_tiles = triton.cdiv(vocab, blocks.block_v)
-    splits = splits or num_splits(n_blocks, n_vocab_tiles, resident_programs(device))
+    splits = splits or num_splits(n_blocks, n_vocab_tiles, resident_programs(device, blocks))
     splits = max(1, min(splits, n_vocab_tiles))
     tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
     splits = triton.cdiv(n_vocab_tiles, tiles_per_split)
@@ -431,6 +431,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                     pointers=dict(hidden_ptr=name, weight_ptr=name, bias_ptr=name, targets_ptr="i64"),
                     floats=("logit_scale", "softcap"),
                     gemm_dtype=name,
+                    ctas_per_sm=blocks.ctas_per_sm,
                 )
             )
     for segments in (True, False):
