@@ -225,6 +225,7 @@ def evaluate(model, tokenizer, eval_dataset, settings: StudySettings) -> dict[st
     result = {
         "greedy_accuracy": greedy.accuracy,
         "greedy_length": greedy.mean_completion_tokens,
+        "greedy_truncated": greedy.num_truncated / greedy.num_problems,
         "eval_problems": greedy.num_problems,
     }
     if settings.eval_samples:
@@ -236,7 +237,11 @@ def evaluate(model, tokenizer, eval_dataset, settings: StudySettings) -> dict[st
             num_samples=settings.eval_samples,
             sampling_seed=0,
         )
-        result.update(sampled_accuracy=sampled.accuracy, sampled_length=sampled.mean_completion_tokens)
+        result.update(
+            sampled_accuracy=sampled.accuracy,
+            sampled_length=sampled.mean_completion_tokens,
+            sampled_truncated=sampled.num_truncated / sampled.num_problems,
+        )
     return result
 
 
@@ -480,7 +485,16 @@ class Study:
 
 # ------------------------------------------------------------------------------------------------------- summaries
 
-METRICS = ("greedy_accuracy", "sampled_accuracy", "greedy_length", "sampled_length", "sar_step_share", "step_seconds")
+METRICS = (
+    "greedy_accuracy",
+    "sampled_accuracy",
+    "greedy_length",
+    "sampled_length",
+    "sampled_truncated",
+    "train_clipped_ratio",
+    "sar_step_share",
+    "step_seconds",
+)
 
 
 def _present(values) -> list[float]:
@@ -493,12 +507,14 @@ def training_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     share, step = _present(r.get("sar/step_share") for r in records), _present(r.get("step_time") for r in records)
     accuracy = _present(r.get("rewards/correctness/mean") for r in records[-10:])
     length = _present(r.get("completions/mean_length") for r in records[-10:])
+    clipped = _present(r.get("completions/clipped_ratio") for r in records)  # cut off at max_completion_length
     return {
         "steps": len(records),
         "sar_step_share": statistics.median(share) if share else None,
         "step_seconds": statistics.median(step) if step else None,
         "train_accuracy_last10": statistics.fmean(accuracy) if accuracy else None,
         "train_length_last10": statistics.fmean(length) if length else None,
+        "train_clipped_ratio": statistics.fmean(clipped) if clipped else None,
     }
 
 
@@ -581,6 +597,10 @@ def _value(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def markdown_report(data: dict[str, Any], plot_name: str) -> str:
     s, env, summary, base = data["settings"], data["environment"], data["summary"], data["base"]
     configs = s["configs"]
@@ -629,23 +649,26 @@ def markdown_report(data: dict[str, Any], plot_name: str) -> str:
         "",
         "Mean ± sample standard deviation over seeds. SAR share = the scorer's share of the training step's wall "
         "time (`sar/step_share`, SAR configurations only) and step = training step time, each the median over a "
-        "run's steps.",
+        "run's steps. Cut off = share of completions that hit the token limit before their stop token (and so "
+        "score 0): in the sampled held-out evaluation, and in training (mean over steps).",
         "",
-        "| configuration | runs | greedy accuracy | sampled accuracy | greedy length | sampled length | SAR share "
-        "| step (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | runs | greedy accuracy | sampled accuracy | greedy length | sampled length "
+        "| cut off (eval) | cut off (training) | SAR share | step (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     if base:
         lines.append(
             f"| before training | - | {_value(base['greedy_accuracy'])} | {_value(base.get('sampled_accuracy'))} "
-            f"| {_value(base['greedy_length'], 1)} | {_value(base.get('sampled_length'), 1)} | - | - |"
+            f"| {_value(base['greedy_length'], 1)} | {_value(base.get('sampled_length'), 1)} "
+            f"| {_percent(base.get('sampled_truncated'))} | - | - | - |"
         )
     for c in configs:
         e = summary[c]
         lines.append(
             f"| {c} | {e['runs']} | {_fmt(e['greedy_accuracy'])} | {_fmt(e['sampled_accuracy'])} "
-            f"| {_fmt(e['greedy_length'], 1)} | {_fmt(e['sampled_length'], 1)} | {_fmt(e['sar_step_share'], 1, True)} "
-            f"| {_fmt(e['step_seconds'], 2)} |"
+            f"| {_fmt(e['greedy_length'], 1)} | {_fmt(e['sampled_length'], 1)} "
+            f"| {_fmt(e['sampled_truncated'], 1, True)} | {_fmt(e['train_clipped_ratio'], 1, True)} "
+            f"| {_fmt(e['sar_step_share'], 1, True)} | {_fmt(e['step_seconds'], 2)} |"
         )
     lines += [
         "",
@@ -665,15 +688,16 @@ def markdown_report(data: dict[str, Any], plot_name: str) -> str:
         )
     lines += ["", f"![accuracy against length]({plot_name})", "", "Every run:", ""]
     lines += [
-        "| configuration | seed | greedy acc. | sampled acc. | greedy len. | sampled len. | SAR share | "
-        "train acc. (last 10 steps) | train len. (last 10) | wall (min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | seed | greedy acc. | sampled acc. | greedy len. | sampled len. | cut off (eval) "
+        "| cut off (training) | SAR share | train acc. (last 10 steps) | train len. (last 10) | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(data["runs"], key=lambda r: (configs.index(r["config"]), r["seed"])):
-        share = "-" if r.get("sar_step_share") is None else f"{r['sar_step_share']:.1%}"
         lines.append(
             f"| {r['config']} | {r['seed']} | {_value(r['greedy_accuracy'])} | {_value(r.get('sampled_accuracy'))} "
-            f"| {_value(r['greedy_length'], 1)} | {_value(r.get('sampled_length'), 1)} | {share} "
+            f"| {_value(r['greedy_length'], 1)} | {_value(r.get('sampled_length'), 1)} "
+            f"| {_percent(r.get('sampled_truncated'))} | {_percent(r.get('train_clipped_ratio'))} "
+            f"| {_percent(r.get('sar_step_share'))} "
             f"| {_value(r.get('train_accuracy_last10'))} | {_value(r.get('train_length_last10'), 1)} "
             f"| {r['wall_seconds'] / 60:.1f} |"
         )
