@@ -427,12 +427,16 @@ class Study:
         gc.collect()
         return result
 
-    def run_all(self, progress: bool = True) -> None:
+    def run_all(self, progress: bool = True, seeds: list[int] | None = None) -> None:
+        """Run the planned runs not yet finished; with `seeds`, only those seeds' runs (several processes can share
+        one work directory, each with its own seeds, when the first has written `base/`)."""
         from tqdm.auto import tqdm
 
+        if seeds is not None and not set(seeds) <= set(range(self.settings.seeds)):
+            raise StudyError(f"--run-seeds {seeds} are not all among the study's seeds 0..{self.settings.seeds - 1}")
         base = self.base()
         self.write_report()
-        todo = self.plan()
+        todo = [(config, seed) for config, seed in self.plan() if seeds is None or seed in seeds]
         bar = tqdm(total=len(todo), desc="paper study", unit="run", disable=not progress, position=0)
         for config, seed in todo:
             already = (self.run_dir(config, seed) / "result.json").exists()
@@ -447,8 +451,9 @@ class Study:
                 )
             bar.update(1)
         bar.close()
-        self.manifest.setdefault("finished", _now())
-        _write_json(self.workdir / "study.json", self.manifest)
+        if len(self.finished()) == len(self.plan()):
+            self.manifest.setdefault("finished", _now())
+            _write_json(self.workdir / "study.json", self.manifest)
         self.write_report()
 
     # ------------------------------------------------------------------------------------------------ the report
@@ -802,7 +807,7 @@ def _now() -> str:
 def _write_json(path: Path, data: Any) -> None:
     """Write through a temporary file, so a killed study never leaves half a JSON file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing a study write their own
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)
 
@@ -819,6 +824,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudySettings, argparse.N
     parser.add_argument("--date", default=None, help="date in the report's file name (default: the study's start)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs, no training")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--run-seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="train only these seeds' runs (to split a study across processes sharing --workdir; default: all)",
+    )
     parser.add_argument(
         "--findings-file", default=None, help="markdown text for the report's Findings section (kept in the study)"
     )
@@ -845,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     findings = Path(args.findings_file).read_text() if args.findings_file else None
     study = Study(settings, Path(args.workdir), Path(args.results_dir), date=args.date, findings=findings)
     if not args.report_only:
-        study.run_all(progress=not args.no_progress)
+        study.run_all(progress=not args.no_progress, seeds=args.run_seeds)
     paths = study.write_report()
     print(f"paper_study: report in {paths['md']}, numbers in {paths['json']}, plot in {paths['png']}", flush=True)
     return 0
