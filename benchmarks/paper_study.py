@@ -70,7 +70,10 @@ HEADLINE_PAIRS = (("concise correct", "padded correct"), ("partially correct", "
 class StudySettings:
     """What every run of the study shares. Resuming requires the same values (`SHARED_FIELDS`).
 
-    The defaults are the committed CPU study's (sized to fit about an hour on a shared 2-core machine)."""
+    The defaults are the committed CPU study's (sized to fit about an hour on a shared 2-core machine). The
+    completion limit fits every answer style of the bundled model (the padded one reaches 153 tokens), so no reward
+    is judged on cut-off answers; the learning rate is one at which correctness-only training leaves the bundled
+    model's held-out accuracy where it was (1e-4 lowered it; see benchmarks/results/paper-study-2026-11-27.md)."""
 
     model: str | None = None  # None: the bundled tiny model
     dataset: str | None = None  # None: the synthetic arithmetic task
@@ -82,12 +85,12 @@ class StudySettings:
     steps: int = 30
     prompts_per_step: int = 4
     num_generations: int = 8
-    max_completion_length: int = 96
-    learning_rate: float = 1e-4
+    max_completion_length: int = 160
+    learning_rate: float = 3e-5
     num_problems: int = 2000
     eval_problems: int = 200
     eval_samples: int = 2
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int = 192
     ranking_problems: int = 100
     save_steps: int = 10
     bf16: bool = False
