@@ -70,7 +70,10 @@ HEADLINE_PAIRS = (("concise correct", "padded correct"), ("partially correct", "
 class StudySettings:
     """What every run of the study shares. Resuming requires the same values (`SHARED_FIELDS`).
 
-    The defaults are the committed CPU study's (sized to fit about an hour on a shared 2-core machine)."""
+    The defaults are the committed CPU study's (sized to fit about an hour on a shared 2-core machine). The
+    completion limit fits every answer style of the bundled model (the padded one reaches 153 tokens), so no reward
+    is judged on cut-off answers; the learning rate is one at which correctness-only training leaves the bundled
+    model's held-out accuracy where it was (1e-4 lowered it; see benchmarks/results/paper-study-2026-11-27.md)."""
 
     model: str | None = None  # None: the bundled tiny model
     dataset: str | None = None  # None: the synthetic arithmetic task
@@ -82,12 +85,12 @@ class StudySettings:
     steps: int = 30
     prompts_per_step: int = 4
     num_generations: int = 8
-    max_completion_length: int = 96
-    learning_rate: float = 1e-4
+    max_completion_length: int = 160
+    learning_rate: float = 3e-5
     num_problems: int = 2000
     eval_problems: int = 200
     eval_samples: int = 2
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int = 192
     ranking_problems: int = 100
     save_steps: int = 10
     bf16: bool = False
@@ -225,6 +228,7 @@ def evaluate(model, tokenizer, eval_dataset, settings: StudySettings) -> dict[st
     result = {
         "greedy_accuracy": greedy.accuracy,
         "greedy_length": greedy.mean_completion_tokens,
+        "greedy_truncated": greedy.num_truncated / greedy.num_problems,
         "eval_problems": greedy.num_problems,
     }
     if settings.eval_samples:
@@ -236,7 +240,11 @@ def evaluate(model, tokenizer, eval_dataset, settings: StudySettings) -> dict[st
             num_samples=settings.eval_samples,
             sampling_seed=0,
         )
-        result.update(sampled_accuracy=sampled.accuracy, sampled_length=sampled.mean_completion_tokens)
+        result.update(
+            sampled_accuracy=sampled.accuracy,
+            sampled_length=sampled.mean_completion_tokens,
+            sampled_truncated=sampled.num_truncated / sampled.num_problems,
+        )
     return result
 
 
@@ -422,12 +430,16 @@ class Study:
         gc.collect()
         return result
 
-    def run_all(self, progress: bool = True) -> None:
+    def run_all(self, progress: bool = True, seeds: list[int] | None = None) -> None:
+        """Run the planned runs not yet finished; with `seeds`, only those seeds' runs (several processes can share
+        one work directory, each with its own seeds, when the first has written `base/`)."""
         from tqdm.auto import tqdm
 
+        if seeds is not None and not set(seeds) <= set(range(self.settings.seeds)):
+            raise StudyError(f"--run-seeds {seeds} are not all among the study's seeds 0..{self.settings.seeds - 1}")
         base = self.base()
         self.write_report()
-        todo = self.plan()
+        todo = [(config, seed) for config, seed in self.plan() if seeds is None or seed in seeds]
         bar = tqdm(total=len(todo), desc="paper study", unit="run", disable=not progress, position=0)
         for config, seed in todo:
             already = (self.run_dir(config, seed) / "result.json").exists()
@@ -442,8 +454,9 @@ class Study:
                 )
             bar.update(1)
         bar.close()
-        self.manifest.setdefault("finished", _now())
-        _write_json(self.workdir / "study.json", self.manifest)
+        if len(self.finished()) == len(self.plan()):
+            self.manifest.setdefault("finished", _now())
+            _write_json(self.workdir / "study.json", self.manifest)
         self.write_report()
 
     # ------------------------------------------------------------------------------------------------ the report
@@ -480,7 +493,16 @@ class Study:
 
 # ------------------------------------------------------------------------------------------------------- summaries
 
-METRICS = ("greedy_accuracy", "sampled_accuracy", "greedy_length", "sampled_length", "sar_step_share", "step_seconds")
+METRICS = (
+    "greedy_accuracy",
+    "sampled_accuracy",
+    "greedy_length",
+    "sampled_length",
+    "sampled_truncated",
+    "train_clipped_ratio",
+    "sar_step_share",
+    "step_seconds",
+)
 
 
 def _present(values) -> list[float]:
@@ -493,12 +515,14 @@ def training_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     share, step = _present(r.get("sar/step_share") for r in records), _present(r.get("step_time") for r in records)
     accuracy = _present(r.get("rewards/correctness/mean") for r in records[-10:])
     length = _present(r.get("completions/mean_length") for r in records[-10:])
+    clipped = _present(r.get("completions/clipped_ratio") for r in records)  # cut off at max_completion_length
     return {
         "steps": len(records),
         "sar_step_share": statistics.median(share) if share else None,
         "step_seconds": statistics.median(step) if step else None,
         "train_accuracy_last10": statistics.fmean(accuracy) if accuracy else None,
         "train_length_last10": statistics.fmean(length) if length else None,
+        "train_clipped_ratio": statistics.fmean(clipped) if clipped else None,
     }
 
 
@@ -581,6 +605,10 @@ def _value(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def markdown_report(data: dict[str, Any], plot_name: str) -> str:
     s, env, summary, base = data["settings"], data["environment"], data["summary"], data["base"]
     configs = s["configs"]
@@ -629,23 +657,26 @@ def markdown_report(data: dict[str, Any], plot_name: str) -> str:
         "",
         "Mean ± sample standard deviation over seeds. SAR share = the scorer's share of the training step's wall "
         "time (`sar/step_share`, SAR configurations only) and step = training step time, each the median over a "
-        "run's steps.",
+        "run's steps. Cut off = share of completions that hit the token limit before their stop token (and so "
+        "score 0): in the sampled held-out evaluation, and in training (mean over steps).",
         "",
-        "| configuration | runs | greedy accuracy | sampled accuracy | greedy length | sampled length | SAR share "
-        "| step (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | runs | greedy accuracy | sampled accuracy | greedy length | sampled length "
+        "| cut off (eval) | cut off (training) | SAR share | step (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     if base:
         lines.append(
             f"| before training | - | {_value(base['greedy_accuracy'])} | {_value(base.get('sampled_accuracy'))} "
-            f"| {_value(base['greedy_length'], 1)} | {_value(base.get('sampled_length'), 1)} | - | - |"
+            f"| {_value(base['greedy_length'], 1)} | {_value(base.get('sampled_length'), 1)} "
+            f"| {_percent(base.get('sampled_truncated'))} | - | - | - |"
         )
     for c in configs:
         e = summary[c]
         lines.append(
             f"| {c} | {e['runs']} | {_fmt(e['greedy_accuracy'])} | {_fmt(e['sampled_accuracy'])} "
-            f"| {_fmt(e['greedy_length'], 1)} | {_fmt(e['sampled_length'], 1)} | {_fmt(e['sar_step_share'], 1, True)} "
-            f"| {_fmt(e['step_seconds'], 2)} |"
+            f"| {_fmt(e['greedy_length'], 1)} | {_fmt(e['sampled_length'], 1)} "
+            f"| {_fmt(e['sampled_truncated'], 1, True)} | {_fmt(e['train_clipped_ratio'], 1, True)} "
+            f"| {_fmt(e['sar_step_share'], 1, True)} | {_fmt(e['step_seconds'], 2)} |"
         )
     lines += [
         "",
@@ -665,15 +696,16 @@ def markdown_report(data: dict[str, Any], plot_name: str) -> str:
         )
     lines += ["", f"![accuracy against length]({plot_name})", "", "Every run:", ""]
     lines += [
-        "| configuration | seed | greedy acc. | sampled acc. | greedy len. | sampled len. | SAR share | "
-        "train acc. (last 10 steps) | train len. (last 10) | wall (min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | seed | greedy acc. | sampled acc. | greedy len. | sampled len. | cut off (eval) "
+        "| cut off (training) | SAR share | train acc. (last 10 steps) | train len. (last 10) | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(data["runs"], key=lambda r: (configs.index(r["config"]), r["seed"])):
-        share = "-" if r.get("sar_step_share") is None else f"{r['sar_step_share']:.1%}"
         lines.append(
             f"| {r['config']} | {r['seed']} | {_value(r['greedy_accuracy'])} | {_value(r.get('sampled_accuracy'))} "
-            f"| {_value(r['greedy_length'], 1)} | {_value(r.get('sampled_length'), 1)} | {share} "
+            f"| {_value(r['greedy_length'], 1)} | {_value(r.get('sampled_length'), 1)} "
+            f"| {_percent(r.get('sampled_truncated'))} | {_percent(r.get('train_clipped_ratio'))} "
+            f"| {_percent(r.get('sar_step_share'))} "
             f"| {_value(r.get('train_accuracy_last10'))} | {_value(r.get('train_length_last10'), 1)} "
             f"| {r['wall_seconds'] / 60:.1f} |"
         )
@@ -778,7 +810,7 @@ def _now() -> str:
 def _write_json(path: Path, data: Any) -> None:
     """Write through a temporary file, so a killed study never leaves half a JSON file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing a study write their own
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)
 
@@ -795,6 +827,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudySettings, argparse.N
     parser.add_argument("--date", default=None, help="date in the report's file name (default: the study's start)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs, no training")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--run-seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="train only these seeds' runs (to split a study across processes sharing --workdir; default: all)",
+    )
     parser.add_argument(
         "--findings-file", default=None, help="markdown text for the report's Findings section (kept in the study)"
     )
@@ -821,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     findings = Path(args.findings_file).read_text() if args.findings_file else None
     study = Study(settings, Path(args.workdir), Path(args.results_dir), date=args.date, findings=findings)
     if not args.report_only:
-        study.run_all(progress=not args.no_progress)
+        study.run_all(progress=not args.no_progress, seeds=args.run_seeds)
     paths = study.write_report()
     print(f"paper_study: report in {paths['md']}, numbers in {paths['json']}, plot in {paths['png']}", flush=True)
     return 0

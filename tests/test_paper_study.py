@@ -75,6 +75,7 @@ def test_study_end_to_end_resumes_and_refuses_other_settings(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     where = ["--workdir", str(work), "--results-dir", str(results), "--date", "2000-01-01"]
     assert paper_study.main(TOY + where + ["--note", "Sized for a test."]) == 0
+    assert "finished" in json.loads((work / "study.json").read_text())  # set when the last planned run finished
 
     stem = results / "paper-study-2000-01-01"
     data = json.loads(stem.with_suffix(".json").read_text())
@@ -85,6 +86,8 @@ def test_study_end_to_end_resumes_and_refuses_other_settings(tmp_path):
         for key in ("greedy_accuracy", "sampled_accuracy"):
             assert 0.0 <= run[key] <= 1.0
         assert 1.0 <= run["greedy_length"] <= 24.0 and 1.0 <= run["sampled_length"] <= 24.0
+        for key in ("greedy_truncated", "sampled_truncated", "train_clipped_ratio"):
+            assert 0.0 <= run[key] <= 1.0
         assert set(run["ranking"]["agreement"]) == set(data["base"]["ranking"]["agreement"])
         assert len(run["ranking"]["agreement"]) == 10
     by_config = {r["config"]: r for r in data["runs"]}
@@ -111,6 +114,9 @@ def test_study_end_to_end_resumes_and_refuses_other_settings(tmp_path):
     partial = stem.with_suffix(".md").read_text()
     assert "PARTIAL: 2 of 4 runs finished" in partial and "correctness 1/2" in partial
     assert "## Findings\n\nNothing to see at two steps." in partial and "Sized for a test." in partial
+
+    with pytest.raises(SystemExit, match="not all among the study's seeds 0..1"):
+        paper_study.main(TOY + where + ["--seeds", "2", "--run-seeds", "1", "2"])
 
     with pytest.raises(SystemExit, match="other settings.*steps: 2 -> 3"):
         paper_study.main(TOY + where + ["--steps", "3"])

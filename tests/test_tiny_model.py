@@ -307,3 +307,12 @@ def test_sampled_evaluation_is_seeded_and_leaves_the_callers_random_state(bundle
     assert len(set(first.completions)) > 6  # sampling at temperature 1 varies the completions
     with pytest.raises(ValueError, match="num_samples"):
         evaluate_accuracy(model, tokenizer, num_problems=2, num_samples=-1)
+
+
+def test_evaluation_counts_completions_cut_off_by_the_token_limit(bundled):
+    model, tokenizer = bundled
+    cut = evaluate_accuracy(model, tokenizer, num_problems=4, max_new_tokens=8)
+    assert cut.num_truncated == 4 and cut.mean_completion_tokens == 8  # no answer fits in 8 tokens
+    full = evaluate_accuracy(model, tokenizer, num_problems=4, max_new_tokens=200)
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in full.completions]
+    assert full.num_truncated == sum(length >= 200 for length in lengths) < 4

@@ -20,6 +20,7 @@ class EvalResult:
     num_correct: int
     num_problems: int
     mean_completion_tokens: float
+    num_truncated: int = 0  # completions cut off by `max_new_tokens` before a stop token
     completions: list[str] = field(repr=False, default_factory=list)
 
 
@@ -69,7 +70,7 @@ def evaluate_accuracy(
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues at the right edge of every row
     completions: list[str] = []
-    num_tokens = 0
+    num_tokens = num_truncated = 0
     devices = [model.device] if model.device.type == "cuda" else []
     # Sampling draws from torch's global generator: seed it here without disturbing the caller's random state.
     with torch.random.fork_rng(devices=devices):
@@ -94,6 +95,7 @@ def evaluate_accuracy(
                 is_stop = torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device))
                 stopped_before = is_stop.cumsum(dim=1) - is_stop.long()
                 num_tokens += int((stopped_before == 0).sum())
+                num_truncated += int((~is_stop.any(dim=1)).sum())
                 completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         finally:
             tokenizer.padding_side = padding_side
@@ -106,5 +108,6 @@ def evaluate_accuracy(
         num_correct=num_correct,
         num_problems=total,
         mean_completion_tokens=num_tokens / total if total else 0.0,
+        num_truncated=num_truncated,
         completions=completions,
     )
