@@ -60,7 +60,7 @@ def make_inputs(
     return Inputs(hidden, weight, None, targets)
 
 
-def _runner(compute, inputs: Inputs, backward: bool):
+def runner(compute, inputs: Inputs, backward: bool):
     """Forward under no_grad, or forward + backward of the summed log-probs (gradients cleared each call)."""
 
     def forward_only():
@@ -91,7 +91,7 @@ def _require_cuda(inputs: Inputs, what: str) -> None:
 
 
 def sarkern_linear(inputs: Inputs, backward: bool):
-    return _runner(lambda x: sarkern.linear_token_logprobs(x.hidden, x.weight, x.targets), inputs, backward)
+    return runner(lambda x: sarkern.linear_token_logprobs(x.hidden, x.weight, x.targets), inputs, backward)
 
 
 def naive_linear(inputs: Inputs, backward: bool):
@@ -101,7 +101,7 @@ def naive_linear(inputs: Inputs, backward: bool):
         logits = (x.hidden @ x.weight.T).float()
         return torch.log_softmax(logits, dim=-1).gather(-1, x.targets[:, None]).squeeze(-1)
 
-    return _runner(compute, inputs, backward)
+    return runner(compute, inputs, backward)
 
 
 def trl_chunked_linear(inputs: Inputs, backward: bool):
@@ -116,7 +116,7 @@ def trl_chunked_linear(inputs: Inputs, backward: bool):
         )
         return out[0]
 
-    return _runner(compute, inputs, backward)
+    return runner(compute, inputs, backward)
 
 
 def torch_linear_cross_entropy(inputs: Inputs, backward: bool):
@@ -132,7 +132,7 @@ def torch_linear_cross_entropy(inputs: Inputs, backward: bool):
             x.hidden, x.weight, x.targets, reduction="none", options=options
         )
 
-    return _runner(compute, inputs, backward)
+    return runner(compute, inputs, backward)
 
 
 def liger_linear(inputs: Inputs, backward: bool):
@@ -145,7 +145,7 @@ def liger_linear(inputs: Inputs, backward: bool):
         loss = liger_fused_linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none")
         return -(loss[0] if isinstance(loss, tuple) else loss)
 
-    return _runner(compute, inputs, backward)
+    return runner(compute, inputs, backward)
 
 
 def liger_scaled_linear(inputs: Inputs, backward: bool):
@@ -169,7 +169,7 @@ def liger_scaled_linear(inputs: Inputs, backward: bool):
     def compute(x):
         return -LigerFusedLinearScaledCrossEntropyFunction.apply(x.hidden, x.weight, x.targets)
 
-    return _runner(compute, inputs, backward)
+    return runner(compute, inputs, backward)
 
 
 def cce_linear(inputs: Inputs, backward: bool):
@@ -181,28 +181,28 @@ def cce_linear(inputs: Inputs, backward: bool):
     def compute(x):
         return -linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none")
 
-    return _runner(compute, inputs, backward)
+    return runner(compute, inputs, backward)
 
 
 # ------------------------------------------------------------------------------------------------------ LOGITS
 
 
 def sarkern_logits(inputs: Inputs, backward: bool):
-    return _runner(lambda x: sarkern.token_logprobs(x.logits, x.targets), inputs, backward)
+    return runner(lambda x: sarkern.token_logprobs(x.logits, x.targets), inputs, backward)
 
 
 def naive_logits(inputs: Inputs, backward: bool):
     def compute(x):
         return torch.log_softmax(x.logits.float(), dim=-1).gather(-1, x.targets[:, None]).squeeze(-1)
 
-    return _runner(compute, inputs, backward)
+    return runner(compute, inputs, backward)
 
 
 def trl_selective_log_softmax(inputs: Inputs, backward: bool):
     _require_module("trl", "train")
     from trl.trainer.utils import selective_log_softmax
 
-    return _runner(lambda x: selective_log_softmax(x.logits, x.targets), inputs, backward)
+    return runner(lambda x: selective_log_softmax(x.logits, x.targets), inputs, backward)
 
 
 LINEAR = {

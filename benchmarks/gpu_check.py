@@ -650,6 +650,8 @@ def tile_candidates(run: Run) -> dict[str, tuple[str, dict]]:
 
 
 def _sarkern_runner(op: str, backend: str, kwargs: dict, inputs, backward: bool):
+    import contenders
+
     import sarkern
 
     kwargs = dict(kwargs)
@@ -661,18 +663,7 @@ def _sarkern_runner(op: str, backend: str, kwargs: dict, inputs, backward: bool)
                 return sarkern.linear_token_logprobs(x.hidden, x.weight, x.targets, **kwargs)
             return sarkern.token_logprobs(x.logits, x.targets, **kwargs)
 
-    def forward_only():
-        with torch.no_grad():
-            return compute(inputs)
-
-    def forward_backward():
-        for leaf in inputs.leaves():
-            leaf.grad = None
-        out = compute(inputs)
-        out.sum().backward()
-        return out
-
-    return forward_backward if backward else forward_only
+    return contenders.runner(compute, inputs, backward)
 
 
 def _reference_forward(family: str, inputs, chunk: int = 1024) -> torch.Tensor:
