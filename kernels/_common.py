@@ -10,6 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors: Triton 3.4 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels with its CPU interpreter (`TRITON_INTERPRET=1`)."""
@@ -59,12 +64,66 @@ class Blocks:
     ctas_per_sm: int = 1
 
 
+# ---------------------------------------------------------------------------------------- TMA operand loads
+# On Hopper (sm_90) and later, the GEMM operands (hidden rows, LM-head rows) are read through TMA tensor descriptors:
+# the copy engine moves each [rows, BLOCK_D] tile into shared memory asynchronously, zero-filling past the tensor's
+# edges, so the kernel computes no per-element addresses or masks (fewer registers and issued instructions in the
+# GEMM loop). TMA needs a 16-byte aligned base and row stride and a contiguous last dim; other layouts take pointer
+# loads. `SARKERN_TMA=0` forces pointer loads everywhere (to time them, `make gpu-check`); `SARKERN_TMA=1` forces
+# descriptors and refuses what cannot take them (a GPU before sm_90, an unaligned operand). Triton's interpreter
+# emulates descriptors, so tests run that path on the CPU with `SARKERN_TMA=1`.
+TMA_VARIABLE = "SARKERN_TMA"
+
+
+def _tma_setting() -> bool | None:
+    text = os.environ.get(TMA_VARIABLE, "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"{TMA_VARIABLE}={text!r}: expected 0 (pointer loads), 1 (TMA descriptors) or unset (auto)")
+    return None if text == "" else text == "1"
+
+
+def _tma_layout_problem(tensor: torch.Tensor) -> str | None:
+    """Why `tensor [rows, D]` cannot be read through a TMA descriptor, or None when it can."""
+    if tensor.stride(-1) != 1:
+        return "its last dim is not contiguous"
+    if tensor.data_ptr() % 16:
+        return "its start is not 16-byte aligned"
+    if (tensor.stride(0) * tensor.element_size()) % 16:
+        return f"its row stride ({tensor.stride(0)} elements) is not a multiple of 16 bytes"
+    if max(tensor.shape) >= 2**31:
+        return "a dim exceeds TMA's 32-bit coordinates"
+    return None
+
+
+def tma_loads(arch: int, *operands: torch.Tensor) -> bool:
+    """Whether a GEMM kernel on compute capability `arch` (0: interpreted) reads `operands` through TMA descriptors."""
+    forced = _tma_setting()
+    if forced is False:
+        return False
+    problems = [problem for t in operands if (problem := _tma_layout_problem(t))]
+    if forced is None:
+        return 90 <= arch and not problems and TensorDescriptor is not None
+    if TensorDescriptor is None:
+        raise ValueError(f"{TMA_VARIABLE}=1, but Triton {triton.__version__} has no host tensor descriptors")
+    if 0 < arch < 90:
+        raise ValueError(f"{TMA_VARIABLE}=1, but TMA needs compute capability 9.0 or later (this GPU: {arch / 10})")
+    if problems:
+        raise ValueError(f"{TMA_VARIABLE}=1, but an operand cannot be read through TMA: {problems[0]}")
+    return True
+
+
+def gemm_operand(tensor: torch.Tensor, block_rows: int, block_d: int, tma: bool):
+    """`tensor [rows, D]` as a kernel reads it: a TMA descriptor of `[block_rows, block_d]` tiles, or the tensor."""
+    return TensorDescriptor.from_tensor(tensor, [block_rows, block_d]) if tma else tensor
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One configuration a launcher can choose, as the ahead-of-time compile check builds it (see compile_report):
     `pointers` maps pointer arguments to element types (others are fp32), `floats` names the fp32 scalars (other
     scalars are i32), `gemm_dtype` is the operand type of the kernel's `tl.dot` loop, if it has one, and
-    `ctas_per_sm` the occupancy the launcher assumes."""
+    `ctas_per_sm` the occupancy the launcher assumes; `descriptors` names the arguments passed as TMA tensor
+    descriptors, whose loads the compiled code must issue as TMA copies."""
 
     name: str
     kernel: Any
@@ -75,10 +134,18 @@ class KernelSpec:
     floats: tuple = ()
     gemm_dtype: str | None = None
     ctas_per_sm: int | None = None  # what the launcher assumes (sizing its grid), checked against the compiled code
+    descriptors: dict = field(default_factory=dict)  # TMA descriptor arguments: name -> (element type, block shape)
 
 
 # Triton signature names of the operand dtypes (compile_specs).
 TL_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def gemm_descriptors(type_name: str, blocks: Blocks) -> dict:
+    """`KernelSpec.descriptors` of a kernel reading `hidden` and `weight` through TMA, as `gemm_operand` builds them."""
+    return dict(
+        hidden=(type_name, (blocks.block_n, blocks.block_d)), weight=(type_name, (blocks.block_v, blocks.block_d))
+    )
 
 
 @triton.jit

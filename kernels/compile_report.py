@@ -7,7 +7,8 @@ by Triton's own compiler (ptxas, cuobjdump and nvdisasm ship with Triton; no GPU
 it reads registers per thread, stack, shared memory and the SASS, and derives CTAs per SM and the matrix
 instructions of the GEMM loop. `--check` exits with status 1 when a configuration spills registers to local memory,
 needs more shared memory than the SM has, runs a 16-bit GEMM loop without tensor-core MMA (wgmma, `HGMMA` in
-SASS, on sm_90a; `HMMA` on sm_80), or fits a different number of programs per SM than its launcher assumes.
+SASS, on sm_90a; `HMMA` on sm_80), reads TMA descriptors without TMA copies (`UTMALDG`), or fits a different number
+of programs per SM than its launcher assumes.
 Triton's interpreter must be off (`TRITON_INTERPRET` unset): it replaces the kernels by Python functions that cannot
 be compiled.
 """
@@ -58,6 +59,7 @@ class Row:
     ctas_per_sm: int
     limited_by: str
     mma_instructions: int
+    tma_loads: int
     exp2_instructions: int
     gemm_dtype: str | None
     problems: list
@@ -85,7 +87,10 @@ def _signature(spec) -> tuple[dict, dict]:
     for index, arg in enumerate(spec.kernel.arg_names):
         if arg in spec.constexprs:
             signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
+        elif arg in spec.descriptors:
+            element, block = spec.descriptors[arg]
+            signature[arg] = f"tensordesc<{element}[{', '.join(map(str, block))}]>"
+        elif arg.endswith("_ptr") or arg in spec.pointers:
             signature[arg] = "*" + spec.pointers.get(arg, "fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif arg in spec.floats:
@@ -145,6 +150,9 @@ def compile_one(job: tuple[str, int, int]) -> Row:
         problems.append(f"shared memory {shared} B > {target.smem_per_cta} B per CTA")
     if spec.gemm_dtype in ("bf16", "fp16") and mma == 0:
         problems.append(f"16-bit GEMM loop without {target.mma}")
+    tma = len(re.findall(r"\bUTMALDG\b", sass))
+    if spec.descriptors and tma == 0:
+        problems.append("descriptor loads compiled without TMA copies (UTMALDG)")
     if spec.ctas_per_sm is not None and ctas != spec.ctas_per_sm:
         problems.append(f"{ctas} CTAs per SM, but the launcher sizes its grid for {spec.ctas_per_sm}")
     return Row(
@@ -159,6 +167,7 @@ def compile_one(job: tuple[str, int, int]) -> Row:
         ctas_per_sm=ctas,
         limited_by=limited_by,
         mma_instructions=mma,
+        tma_loads=tma,
         exp2_instructions=len(re.findall(r"MUFU\.EX2", sass)),
         gemm_dtype=spec.gemm_dtype,
         problems=problems,
@@ -199,22 +208,25 @@ def render(rows: list[Row]) -> str:
         + ".",
         "Every configuration the launchers can choose, in its heaviest and lightest variant; CTAs per SM follow from",
         "registers (allocated per warp in units of 256), shared memory (+1 KiB reserved per CTA) and threads.",
-        "`MMA` counts tensor-core instructions in the SASS (HGMMA = wgmma on sm_90a, HMMA on sm_80); `EX2` counts",
-        "MUFU.EX2. A problem is a spill, shared memory over the SM's limit, or a 16-bit GEMM without MMA.",
+        "`MMA` counts tensor-core instructions in the SASS (HGMMA = wgmma on sm_90a, HMMA on sm_80); `TMA` counts",
+        "TMA tile copies (UTMALDG) of the kernels that read their GEMM operands through tensor descriptors; `EX2`",
+        "counts MUFU.EX2. A problem is a spill, shared memory over the SM's limit, a 16-bit GEMM without MMA, a",
+        "descriptor kernel without TMA copies, or a different number of programs per SM than the launcher assumes.",
         "",
     ]
     for target in TARGETS:
         lines += [
             f"## {target.name}",
             "",
-            "| kernel | warps | stages | registers | spills | shared KiB | CTAs/SM (limit) | MMA | EX2 | problems |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| kernel | warps | stages | registers | spills | shared KiB | CTAs/SM (limit) | MMA | TMA | EX2 "
+            "| problems |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r.target == target.name):
             lines.append(
                 f"| `{r.kernel}` | {r.warps} | {r.stages} | {r.registers} | {r.spill_instructions} | "
                 f"{r.shared_bytes / 1024:.1f} | {r.ctas_per_sm} ({r.limited_by}) | {r.mma_instructions} | "
-                f"{r.exp2_instructions} | {'; '.join(r.problems) or 'none'} |"
+                f"{r.tma_loads} | {r.exp2_instructions} | {'; '.join(r.problems) or 'none'} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -32,13 +32,17 @@ from ._common import (
     LN2,
     LOG2E,
     TL_TYPE_NAMES,
+    TMA_VARIABLE,
     Blocks,
     KernelSpec,
     arch_family,
     dot_precision,
     dot_upcast,
+    gemm_descriptors,
+    gemm_operand,
     interpreting,
     soft_cap,
+    tma_loads,
 )
 
 # Forward tiles per architecture family and operand width, chosen from the ahead-of-time compile report
@@ -55,10 +59,14 @@ FORWARD_BLOCKS = {
 # Soft-capping adds a tanh (exp, divide) per logit to the epilogue: with 16-bit operands the [128, 128] tile then
 # spills on sm_90a, so capped logits take half as many rows per tile.
 SOFTCAP_BLOCKS_16 = Blocks(64, 128, 64, num_warps=8, num_stages=3)
-# A candidate a GPU run may time against the default (compiled and reported too): a 64-wide vocabulary tile with one
-# warpgroup, so that two programs share an SM and one's softmax epilogue overlaps the other's loads. (A fourth
-# pipeline stage for the default tile spills on both architectures.)
-FORWARD_CANDIDATES_16 = (Blocks(128, 64, 64, num_warps=4, num_stages=4, ctas_per_sm=2),)
+# Candidates a GPU run times against the default (compiled and reported too; `gpu_candidates`): a 64-wide vocabulary
+# tile with one warpgroup, so that two programs share an SM and one's softmax epilogue overlaps the other's loads;
+# and the default tile with a fourth pipeline stage, which fits without spills since TMA loads freed ~60 registers.
+# Larger tiles spill even with TMA: [128, 256] (the shape of cuBLAS's tiles) by ~240 instructions, [256, 128] by 2.
+FORWARD_CANDIDATES_16 = (
+    Blocks(128, 64, 64, num_warps=4, num_stages=4, ctas_per_sm=2),
+    Blocks(128, 128, 64, num_warps=8, num_stages=4),
+)
 INTERPRETER_BLOCKS = Blocks(16, 32, 16, num_warps=1, num_stages=1)
 COMBINE_BLOCK = 128
 
@@ -77,6 +85,19 @@ def forward_blocks(dtype: torch.dtype, arch: int, softcap: bool = False) -> Bloc
     return FORWARD_BLOCKS[(90 if arch >= 90 else 80, width)]
 
 
+def gpu_candidates() -> dict[str, dict[str, str]]:
+    """What `make gpu-check` times beside the default on a GPU, as label -> environment to set: each candidate tile,
+    and pointer loads in place of TMA descriptors (for the backward's gradient tile too)."""
+    out = {
+        f"tile {b.block_n}x{b.block_v}x{b.block_d} w{b.num_warps} s{b.num_stages}": {
+            "SARKERN_FORWARD_BLOCKS": f"{b.block_n},{b.block_v},{b.block_d},{b.num_warps},{b.num_stages}"
+        }
+        for b in FORWARD_CANDIDATES_16
+    }
+    out["pointer loads, no TMA"] = {TMA_VARIABLE: "0"}
+    return out
+
+
 def _blocks_override() -> Blocks | None:
     text = os.environ.get("SARKERN_FORWARD_BLOCKS", "").strip()
     if not text:
@@ -90,16 +111,17 @@ def _blocks_override() -> Blocks | None:
             f"SARKERN_FORWARD_BLOCKS={text!r}: expected BLOCK_N,BLOCK_V,BLOCK_D,num_warps,num_stages, the first four "
             "powers of two and all positive (e.g. 128,64,64,4,4)"
         )
-    return Blocks(*values)
+    # A candidate keeps the programs per SM it was compiled to fit (the split count depends on them).
+    return next((b for b in FORWARD_CANDIDATES_16 if b == Blocks(*values, ctas_per_sm=b.ctas_per_sm)), Blocks(*values))
 
 
 @triton.jit
 def _logits_tile(
-    hidden_ptr,
-    weight_ptr,
+    hidden,
+    weight,
     bias_ptr,
-    rows,
-    cols,
+    row0,
+    col0,
     n_tokens,
     vocab,
     dim,
@@ -111,24 +133,33 @@ def _logits_tile(
     SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """fp32 `(hidden[rows] @ weight[cols].T + bias[cols]) * logit_scale`, soft-capped before the scaling with SOFTCAP,
-    and -inf in the columns past the vocabulary. `rows` and `cols` are int64, so addresses never wrap."""
+    """fp32 `(hidden[rows] @ weight[cols].T + bias[cols]) * logit_scale` for the tile's `BLOCK_N` rows from `row0`
+    and `BLOCK_V` columns from `col0`, soft-capped before the scaling with SOFTCAP, and -inf in the columns past the
+    vocabulary. Pointer offsets are int64, so addresses never wrap. With TMA, `hidden` and `weight` are tensor
+    descriptors (`_common.tma_loads`) that zero-fill past the edges, as the masks do; otherwise they are pointers."""
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
+    cols = (col0 + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_mask = rows < n_tokens
     col_mask = cols < vocab
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for d_start in range(0, dim, BLOCK_D):
-        ds = d_start + tl.arange(0, BLOCK_D)
-        d_mask = ds < dim
-        h = tl.load(
-            hidden_ptr + rows[:, None] * stride_hn + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
-        )
-        w = tl.load(
-            weight_ptr + cols[:, None] * stride_wv + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0
-        )
+        if TMA:
+            h = hidden.load([row0, d_start])
+            w = weight.load([col0, d_start])
+        else:
+            ds = d_start + tl.arange(0, BLOCK_D)
+            d_mask = ds < dim
+            h = tl.load(
+                hidden + rows[:, None] * stride_hn + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+            )
+            w = tl.load(
+                weight + cols[:, None] * stride_wv + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0
+            )
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -142,8 +173,8 @@ def _logits_tile(
 
 @triton.jit
 def _partial_kernel(
-    hidden_ptr,
-    weight_ptr,
+    hidden,
+    weight,
     bias_ptr,
     targets_ptr,
     part_max_ptr,
@@ -164,13 +195,15 @@ def _partial_kernel(
     RETURN_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % num_splits  # fastest: the programs resident together share their hidden blocks (module docstring)
-    rows = (pid // num_splits).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = (pid // num_splits) * BLOCK_N
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
     row_mask = rows < n_tokens
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, vocab)
@@ -186,11 +219,11 @@ def _partial_kernel(
     target_x = tl.zeros((BLOCK_N,), tl.float32)
     for v_start in range(v_begin, v_end, BLOCK_V):
         x = _logits_tile(
-            hidden_ptr,
-            weight_ptr,
+            hidden,
+            weight,
             bias_ptr,
-            rows,
-            (v_start + tile_cols).to(tl.int64),
+            row0,
+            v_start,
             n_tokens,
             vocab,
             dim,
@@ -202,6 +235,7 @@ def _partial_kernel(
             SOFTCAP,
             UPCAST,
             PRECISION,
+            TMA,
             BLOCK_N,
             BLOCK_V,
             BLOCK_D,
@@ -320,7 +354,9 @@ def linear_logprobs_forward(
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    blocks = forward_blocks(hidden.dtype, 0 if interpreting() else arch_family(device), bool(softcap))
+    arch = 0 if interpreting() else arch_family(device)
+    blocks = forward_blocks(hidden.dtype, arch, bool(softcap))
+    tma = tma_loads(arch, hidden, weight)
     n_blocks = max(1, triton.cdiv(n_tokens, blocks.block_n))
     n_vocab_tiles = triton.cdiv(vocab, blocks.block_v)
     splits = splits or num_splits(n_blocks, n_vocab_tiles, resident_programs(device, blocks))
@@ -340,8 +376,8 @@ def linear_logprobs_forward(
         return logprobs, entropy, lse, segment_sums, segment_counts
 
     _partial_kernel[(n_blocks * splits,)](
-        hidden,
-        weight,
+        gemm_operand(hidden, blocks.block_n, blocks.block_d, tma),
+        gemm_operand(weight, blocks.block_v, blocks.block_d, tma),
         bias if bias is not None else hidden,
         targets,
         partials[0],
@@ -362,6 +398,7 @@ def linear_logprobs_forward(
         RETURN_ENTROPY=return_entropy,
         UPCAST=dot_upcast(hidden.dtype),
         PRECISION=dot_precision(hidden.dtype),
+        TMA=tma,
         BLOCK_N=blocks.block_n,
         BLOCK_V=blocks.block_v,
         BLOCK_D=blocks.block_d,
@@ -400,7 +437,8 @@ def linear_logprobs_forward(
 
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every forward configuration the launcher can choose on `arch`: per operand dtype, the plain tiles with and
-    without entropy and bias, the soft-capped tiles with everything on, and the 16-bit candidates."""
+    without entropy and bias, the soft-capped tiles with everything on, and the 16-bit candidates; on sm_90 each
+    with TMA descriptor loads (the default) and with pointer loads (unaligned operands, `SARKERN_TMA=0`)."""
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = TL_TYPE_NAMES[dtype]
@@ -411,29 +449,33 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         ]
         if dtype == torch.bfloat16:
             variants += [(f"entropy+bias, candidate {i}", b, True, False) for i, b in enumerate(FORWARD_CANDIDATES_16)]
-        for label, blocks, entropy, softcap in variants:
-            specs.append(
-                KernelSpec(
-                    name=f"_partial_kernel[{name}, {label}, {blocks.block_n}x{blocks.block_v}x{blocks.block_d}]",
-                    kernel=_partial_kernel,
-                    constexprs=dict(
-                        HAS_BIAS=entropy,
-                        SOFTCAP=softcap,
-                        RETURN_ENTROPY=entropy,
-                        UPCAST=False,
-                        PRECISION=dot_precision(dtype),
-                        BLOCK_N=blocks.block_n,
-                        BLOCK_V=blocks.block_v,
-                        BLOCK_D=blocks.block_d,
-                    ),
-                    num_warps=blocks.num_warps,
-                    num_stages=blocks.num_stages,
-                    pointers=dict(hidden_ptr=name, weight_ptr=name, bias_ptr=name, targets_ptr="i64"),
-                    floats=("logit_scale", "softcap"),
-                    gemm_dtype=name,
-                    ctas_per_sm=blocks.ctas_per_sm,
+        for tma in (True, False) if arch >= 90 else (False,):
+            for label, blocks, entropy, softcap in variants:
+                specs.append(
+                    KernelSpec(
+                        name=f"_partial_kernel[{name}, {label}, {blocks.block_n}x{blocks.block_v}x{blocks.block_d}"
+                        f"{', TMA' if tma else ''}]",
+                        kernel=_partial_kernel,
+                        constexprs=dict(
+                            HAS_BIAS=entropy,
+                            SOFTCAP=softcap,
+                            RETURN_ENTROPY=entropy,
+                            UPCAST=False,
+                            PRECISION=dot_precision(dtype),
+                            TMA=tma,
+                            BLOCK_N=blocks.block_n,
+                            BLOCK_V=blocks.block_v,
+                            BLOCK_D=blocks.block_d,
+                        ),
+                        num_warps=blocks.num_warps,
+                        num_stages=blocks.num_stages,
+                        pointers=dict(hidden=name, weight=name, bias_ptr=name, targets_ptr="i64"),
+                        descriptors=gemm_descriptors(name, blocks) if tma else {},
+                        floats=("logit_scale", "softcap"),
+                        gemm_dtype=name,
+                        ctas_per_sm=blocks.ctas_per_sm,
+                    )
                 )
-            )
     for segments in (True, False):
         specs.append(
             KernelSpec(

@@ -13,6 +13,8 @@ buffer (256 MiB at N = 16384) across the whole loop, both far beyond DESIGN.md's
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,8 +28,11 @@ from ._common import (
     arch_family,
     dot_precision,
     dot_upcast,
+    gemm_descriptors,
+    gemm_operand,
     interpreting,
     soft_cap_slope,
+    tma_loads,
 )
 from .linear_logprobs import _logits_tile, forward_blocks
 
@@ -58,8 +63,8 @@ def grad_blocks(dtype: torch.dtype, arch: int, heavy: bool = False) -> Blocks:
 @triton.jit
 def _grad_logits_kernel(
     grad_logits_ptr,
-    hidden_ptr,
-    weight_ptr,
+    hidden,
+    weight,
     bias_ptr,
     targets_ptr,
     lse_ptr,
@@ -82,22 +87,24 @@ def _grad_logits_kernel(
     HAS_GRAD_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
     tile_start = tl.program_id(1) * BLOCK_V
     tile_cols = tl.arange(0, BLOCK_V)
     cols = tile_start.to(tl.int64) + tile_cols
     row_mask = rows < n_tokens
     # x in log2 units: x = logit / T * log2(e), as in the forward.
     x = _logits_tile(
-        hidden_ptr,
-        weight_ptr,
+        hidden,
+        weight,
         bias_ptr,
-        rows,
-        cols,
+        row0,
+        tile_start,
         n_tokens,
         vocab,
         dim,
@@ -109,6 +116,7 @@ def _grad_logits_kernel(
         SOFTCAP,
         UPCAST,
         PRECISION,
+        TMA,
         BLOCK_N,
         BLOCK_V,
         BLOCK_D,
@@ -156,12 +164,14 @@ def linear_logprobs_grad_logits(
     vocab = weight.shape[0]
     has_grad_entropy = grad_entropy is not None
     heavy = has_grad_entropy or bool(softcap)
-    blocks = grad_blocks(hidden.dtype, 0 if interpreting() else arch_family(hidden.device), heavy)
+    arch = 0 if interpreting() else arch_family(hidden.device)
+    blocks = grad_blocks(hidden.dtype, arch, heavy)
+    tma = tma_loads(arch, hidden, weight)
     grid = (triton.cdiv(n_tokens, blocks.block_n), triton.cdiv(vocab, blocks.block_v))
     _grad_logits_kernel[grid](
         out,
-        hidden,
-        weight,
+        gemm_operand(hidden, blocks.block_n, blocks.block_d, tma),
+        gemm_operand(weight, blocks.block_v, blocks.block_d, tma),
         bias if bias is not None else hidden,
         targets,
         lse,
@@ -184,6 +194,7 @@ def linear_logprobs_grad_logits(
         HAS_GRAD_ENTROPY=has_grad_entropy,
         UPCAST=dot_upcast(hidden.dtype),
         PRECISION=dot_precision(hidden.dtype),
+        TMA=tma,
         BLOCK_N=blocks.block_n,
         BLOCK_V=blocks.block_v,
         BLOCK_D=blocks.block_d,
@@ -261,34 +272,35 @@ def linear_logprobs_backward(
 
 def compile_specs(arch: int) -> list[KernelSpec]:
     """The gradient tile's configurations on `arch`: heaviest variant (bias, soft-cap, entropy gradient) and
-    lightest (log-prob gradient only), for each operand dtype."""
+    lightest (log-prob gradient only), for each operand dtype; on sm_90 with TMA and with pointer loads."""
     specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype, heavy, tma in itertools.product(
+        (torch.bfloat16, torch.float16, torch.float32), (True, False), (True, False) if arch >= 90 else (False,)
+    ):
         name = TL_TYPE_NAMES[dtype]
-        for heavy in (True, False):
-            blocks = grad_blocks(dtype, arch, heavy)
-            specs.append(
-                KernelSpec(
-                    name=f"_grad_logits_kernel[{name}, {'entropy+bias+softcap' if heavy else 'plain'}, "
-                    f"{blocks.block_n}x{blocks.block_v}x{blocks.block_d}]",
-                    kernel=_grad_logits_kernel,
-                    constexprs=dict(
-                        HAS_BIAS=heavy,
-                        SOFTCAP=heavy,
-                        HAS_GRAD_ENTROPY=heavy,
-                        UPCAST=False,
-                        PRECISION=dot_precision(dtype),
-                        BLOCK_N=blocks.block_n,
-                        BLOCK_V=blocks.block_v,
-                        BLOCK_D=blocks.block_d,
-                    ),
-                    num_warps=blocks.num_warps,
-                    num_stages=blocks.num_stages,
-                    pointers=dict(
-                        grad_logits_ptr=name, hidden_ptr=name, weight_ptr=name, bias_ptr=name, targets_ptr="i64"
-                    ),
-                    floats=("logit_scale", "inv_temperature", "softcap"),
-                    gemm_dtype=name,
-                )
+        blocks = grad_blocks(dtype, arch, heavy)
+        specs.append(
+            KernelSpec(
+                name=f"_grad_logits_kernel[{name}, {'entropy+bias+softcap' if heavy else 'plain'}, "
+                f"{blocks.block_n}x{blocks.block_v}x{blocks.block_d}{', TMA' if tma else ''}]",
+                kernel=_grad_logits_kernel,
+                constexprs=dict(
+                    HAS_BIAS=heavy,
+                    SOFTCAP=heavy,
+                    HAS_GRAD_ENTROPY=heavy,
+                    UPCAST=False,
+                    PRECISION=dot_precision(dtype),
+                    TMA=tma,
+                    BLOCK_N=blocks.block_n,
+                    BLOCK_V=blocks.block_v,
+                    BLOCK_D=blocks.block_d,
+                ),
+                num_warps=blocks.num_warps,
+                num_stages=blocks.num_stages,
+                pointers=dict(grad_logits_ptr=name, hidden=name, weight=name, bias_ptr=name, targets_ptr="i64"),
+                descriptors=gemm_descriptors(name, blocks) if tma else {},
+                floats=("logit_scale", "inv_temperature", "softcap"),
+                gemm_dtype=name,
             )
+        )
     return specs

@@ -64,6 +64,38 @@ def test_backward_matches_reference(dtype):
         torch.testing.assert_close(leaf.grad.double(), ref.grad, atol=tol * scale, rtol=tol)
 
 
+@pytest.mark.parametrize("loads", ["auto", "pointers", "descriptors"])
+@pytest.mark.parametrize("dim", [1000, 1001])
+def test_operand_loads_match_reference(monkeypatch, loads, dim):
+    """Both ways the GEMM kernels read hidden and weight rows: TMA descriptors (the default from sm_90, when the rows
+    are 16-byte aligned) and pointer loads, forward and backward, on tiles that overhang every edge. 1001 bf16
+    values make 2002-byte rows, which TMA cannot address: auto takes pointers, and forcing descriptors is refused."""
+    from sarkern.kernels._common import TMA_VARIABLE
+
+    if loads != "auto":
+        monkeypatch.setenv(TMA_VARIABLE, "1" if loads == "descriptors" else "0")
+    torch.manual_seed(dim)
+    n, vocab = 999, 32003
+    hidden = torch.randn(n, dim, device="cuda", dtype=torch.float64).bfloat16()
+    weight = (torch.randn(vocab, dim, device="cuda", dtype=torch.float64) / dim**0.5 * 3).bfloat16()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    if loads == "descriptors" and (dim % 8 or torch.cuda.get_device_capability()[0] < 9):
+        with pytest.raises(ValueError, match=TMA_VARIABLE):
+            sarkern.linear_token_logprobs(*leaves, targets)
+        return
+    ref_leaves = [hidden.double().requires_grad_(True), weight.double().requires_grad_(True)]
+    lp, ent = sarkern.linear_token_logprobs(*leaves, targets, return_entropy=True)
+    ref_lp, ref_ent = reference.linear_token_logprobs(*ref_leaves, targets, return_entropy=True)
+    (lp.sum() + 0.5 * ent.sum()).backward()
+    (ref_lp.sum() + 0.5 * ref_ent.sum()).backward()
+    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-2, rtol=0)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=2e-2, rtol=0)
+    for leaf, ref in zip(leaves, ref_leaves):
+        scale = ref.grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, atol=2e-2 * scale, rtol=2e-2)
+
+
 def test_token_logprobs_design_shape_bf16():
     torch.manual_seed(2)
     logits = (torch.randn(8192, 151936, device="cuda") * 4).bfloat16()

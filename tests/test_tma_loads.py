@@ -1,0 +1,101 @@
+"""TMA descriptor loads of the GEMM operands (`kernels/_common.py`): which layouts take them, how `SARKERN_TMA`
+forces either path, and that the descriptor path gives the reference's numbers. Triton's interpreter emulates
+tensor descriptors (zero fill past the edges included), so the same kernel source runs here as on an H100; whether
+the compiled code issues TMA copies is the compile check's part (`test_kernel_compile_check.py`)."""
+
+import pytest
+import torch
+from test_linear_token_logprobs import check_against_reference
+
+triton = pytest.importorskip("triton")
+
+from sarkern.kernels import _common  # noqa: E402
+from sarkern.kernels._common import TMA_VARIABLE, TensorDescriptor, tma_loads  # noqa: E402
+
+pytestmark = pytest.mark.skipif(TensorDescriptor is None, reason=f"Triton {triton.__version__} has no TMA descriptors")
+
+
+@pytest.fixture
+def descriptor_calls(monkeypatch):
+    """Records whether each GEMM operand handed to a kernel was a descriptor."""
+    calls = []
+    real = _common.gemm_operand
+
+    def recording(tensor, block_rows, block_d, tma):
+        out = real(tensor, block_rows, block_d, tma)
+        calls.append(isinstance(out, TensorDescriptor))
+        return out
+
+    from sarkern.kernels import linear_logprobs, linear_logprobs_grad
+
+    monkeypatch.setattr(linear_logprobs, "gemm_operand", recording)
+    monkeypatch.setattr(linear_logprobs_grad, "gemm_operand", recording)
+    monkeypatch.setenv("SARKERN_BACKEND", "triton")
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lead,dim,vocab",
+    [((1,), 16, 40), ((37,), 24, 101), ((2, 9), 40, 257)],
+    ids=["one-token", "odd-vocab-and-tokens", "D-past-one-block"],
+)
+def test_descriptor_path_matches_reference(descriptor_calls, monkeypatch, dtype, lead, dim, vocab):
+    """Forward and backward through descriptors, against float64, on tiles that overhang every edge."""
+    monkeypatch.setenv(TMA_VARIABLE, "1")
+    check_against_reference(lead, dim, vocab, dtype, seed=dim * vocab)
+    assert descriptor_calls and all(descriptor_calls)  # forward and every gradient tile
+
+
+def test_pointer_path_when_forced_off(descriptor_calls, monkeypatch):
+    monkeypatch.setenv(TMA_VARIABLE, "0")
+    check_against_reference((11,), 24, 50, torch.bfloat16, seed=3)
+    assert descriptor_calls and not any(descriptor_calls)
+
+
+def _bf16(rows, dim, offset=0):
+    return torch.zeros(rows * dim + offset, dtype=torch.bfloat16)[offset:].view(rows, dim)
+
+
+def test_auto_selection(monkeypatch):
+    """Unset: descriptors on sm_90 and later when every operand allows; pointers before sm_90, interpreted, and for
+    layouts TMA cannot address."""
+    monkeypatch.delenv(TMA_VARIABLE, raising=False)
+    aligned = _bf16(4, 64)
+    assert tma_loads(90, aligned, aligned) and tma_loads(100, aligned)
+    assert not tma_loads(80, aligned) and not tma_loads(0, aligned)
+    assert not tma_loads(90, aligned, _bf16(4, 63))  # row stride of 126 bytes
+    assert not tma_loads(90, _bf16(4, 64, offset=1))  # start 2 bytes past an aligned address
+    assert not tma_loads(90, _bf16(64, 4).T)  # last dim not contiguous
+
+
+def test_column_slice_takes_descriptors(monkeypatch):
+    """A view with an aligned row stride (hidden states sliced from a wider buffer) is still TMA-addressable."""
+    monkeypatch.delenv(TMA_VARIABLE, raising=False)
+    assert tma_loads(90, _bf16(4, 128)[:, 64:])
+
+
+@pytest.mark.parametrize(
+    "setting,arch,operand,match",
+    [
+        ("1", 80, _bf16(4, 64), "compute capability 9.0"),
+        ("1", 90, _bf16(4, 63), "row stride"),
+        ("1", 90, _bf16(4, 64, offset=1), "16-byte aligned"),
+        ("yes", 90, _bf16(4, 64), "expected 0"),
+    ],
+)
+def test_forced_descriptors_refuse_what_cannot_take_them(monkeypatch, setting, arch, operand, match):
+    monkeypatch.setenv(TMA_VARIABLE, setting)
+    with pytest.raises(ValueError, match=f"{TMA_VARIABLE}.*{match}"):
+        tma_loads(arch, operand)
+
+
+def test_forced_descriptors_are_refused_through_the_op(descriptor_calls, monkeypatch):
+    """The refusal reaches the caller of the op by name, before any kernel runs."""
+    monkeypatch.setenv(TMA_VARIABLE, "1")
+    hidden = torch.randn(3, 63).bfloat16()  # 126-byte rows
+    weight = torch.randn(10, 63).bfloat16()
+    with pytest.raises(ValueError, match=TMA_VARIABLE):
+        import sarkern
+
+        sarkern.linear_token_logprobs(hidden, weight, torch.tensor([1, 2, 3]))
