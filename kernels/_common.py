@@ -68,10 +68,11 @@ class Blocks:
 # On Hopper (sm_90) and later, the GEMM operands (hidden rows, LM-head rows) are read through TMA tensor descriptors:
 # the copy engine moves each [rows, BLOCK_D] tile into shared memory asynchronously, zero-filling past the tensor's
 # edges, so the kernel computes no per-element addresses or masks (fewer registers and issued instructions in the
-# GEMM loop). TMA needs a 16-byte aligned base and row stride and a contiguous last dim; other layouts take pointer
-# loads. `SARKERN_TMA=0` forces pointer loads everywhere (to time them, `make gpu-check`); `SARKERN_TMA=1` forces
-# descriptors and refuses what cannot take them (a GPU before sm_90, an unaligned operand). Triton's interpreter
-# emulates descriptors, so tests run that path on the CPU with `SARKERN_TMA=1`.
+# GEMM loop). TMA needs 16-bit operands (fp32 ones feed FMA, not tensor cores), a 16-byte aligned base and row stride
+# and a contiguous last dim; anything else takes pointer loads. `SARKERN_TMA=0` forces pointer loads everywhere (to
+# time them, `make gpu-check`); `SARKERN_TMA=1` forces descriptors and refuses what cannot take them (a GPU before
+# sm_90, an fp32 or unaligned operand). Triton's interpreter emulates descriptors, so tests run that path on the CPU
+# with `SARKERN_TMA=1`.
 TMA_VARIABLE = "SARKERN_TMA"
 
 
@@ -84,6 +85,10 @@ def _tma_setting() -> bool | None:
 
 def _tma_layout_problem(tensor: torch.Tensor) -> str | None:
     """Why `tensor [rows, D]` cannot be read through a TMA descriptor, or None when it can."""
+    if tensor.dtype not in (torch.bfloat16, torch.float16):
+        # fp32 tiles feed FMA, not tensor cores: from shared memory they need a layout conversion that spills
+        # hundreds of registers (compile report), so fp32 keeps pointer loads.
+        return f"TMA loads serve 16-bit tensor-core GEMMs, not {tensor.dtype} operands"
     if tensor.stride(-1) != 1:
         return "its last dim is not contiguous"
     if tensor.data_ptr() % 16:

@@ -438,7 +438,8 @@ def linear_logprobs_forward(
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every forward configuration the launcher can choose on `arch`: per operand dtype, the plain tiles with and
     without entropy and bias, the soft-capped tiles with everything on, and the 16-bit candidates; on sm_90 each
-    with TMA descriptor loads (the default) and with pointer loads (unaligned operands, `SARKERN_TMA=0`)."""
+    16-bit ones with TMA descriptor loads (the default) and with pointer loads (unaligned operands,
+    `SARKERN_TMA=0`)."""
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = TL_TYPE_NAMES[dtype]
@@ -449,7 +450,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         ]
         if dtype == torch.bfloat16:
             variants += [(f"entropy+bias, candidate {i}", b, True, False) for i, b in enumerate(FORWARD_CANDIDATES_16)]
-        for tma in (True, False) if arch >= 90 else (False,):
+        for tma in (True, False) if arch >= 90 and dtype != torch.float32 else (False,):
             for label, blocks, entropy, softcap in variants:
                 specs.append(
                     KernelSpec(

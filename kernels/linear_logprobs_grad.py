@@ -272,11 +272,13 @@ def linear_logprobs_backward(
 
 def compile_specs(arch: int) -> list[KernelSpec]:
     """The gradient tile's configurations on `arch`: heaviest variant (bias, soft-cap, entropy gradient) and
-    lightest (log-prob gradient only), for each operand dtype; on sm_90 with TMA and with pointer loads."""
+    lightest (log-prob gradient only), for each operand dtype; 16-bit ones on sm_90 with TMA and with pointer loads."""
     specs = []
     for dtype, heavy, tma in itertools.product(
-        (torch.bfloat16, torch.float16, torch.float32), (True, False), (True, False) if arch >= 90 else (False,)
+        (torch.bfloat16, torch.float16, torch.float32), (True, False), (True, False)
     ):
+        if tma and (arch < 90 or dtype == torch.float32):  # TMA: sm_90 on, 16-bit operands (`_common.tma_loads`)
+            continue
         name = TL_TYPE_NAMES[dtype]
         blocks = grad_blocks(dtype, arch, heavy)
         specs.append(

@@ -34,7 +34,7 @@ def descriptor_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "lead,dim,vocab",
     [((1,), 16, 40), ((37,), 24, 101), ((2, 9), 40, 257)],
@@ -67,6 +67,7 @@ def test_auto_selection(monkeypatch):
     assert not tma_loads(90, aligned, _bf16(4, 63))  # row stride of 126 bytes
     assert not tma_loads(90, _bf16(4, 64, offset=1))  # start 2 bytes past an aligned address
     assert not tma_loads(90, _bf16(64, 4).T)  # last dim not contiguous
+    assert not tma_loads(90, torch.zeros(4, 64))  # fp32 operands feed FMA, not tensor cores
 
 
 def test_column_slice_takes_descriptors(monkeypatch):
@@ -81,6 +82,7 @@ def test_column_slice_takes_descriptors(monkeypatch):
         ("1", 80, _bf16(4, 64), "compute capability 9.0"),
         ("1", 90, _bf16(4, 63), "row stride"),
         ("1", 90, _bf16(4, 64, offset=1), "16-byte aligned"),
+        ("1", 90, torch.zeros(4, 64), "16-bit"),
         ("yes", 90, _bf16(4, 64), "expected 0"),
     ],
 )
