@@ -59,9 +59,10 @@ FORWARD_BLOCKS = {
 # Soft-capping adds a tanh (exp, divide) per logit to the epilogue: with 16-bit operands the [128, 128] tile then
 # spills on sm_90a, so capped logits take half as many rows per tile.
 SOFTCAP_BLOCKS_16 = Blocks(64, 128, 64, num_warps=8, num_stages=3)
-# Candidates a GPU run times against the default (compiled and reported too; `gpu_candidates`): a 64-wide vocabulary
-# tile with one warpgroup, so that two programs share an SM and one's softmax epilogue overlaps the other's loads;
-# and the default tile with a fourth pipeline stage, which fits without spills since TMA loads freed ~60 registers.
+# Candidates a GPU run times against the default on sm_90, with TMA loads (compiled and reported too;
+# `gpu_candidates`): a 64-wide vocabulary tile with one warpgroup, so that two programs share an SM and one's softmax
+# epilogue overlaps the other's loads; and the default tile with a fourth pipeline stage, which fits without spills
+# since TMA loads freed ~60 registers (with pointer loads it spills).
 # Larger tiles spill even with TMA: [128, 256] (the shape of cuBLAS's tiles) by ~240 instructions, [256, 128] by 2.
 FORWARD_CANDIDATES_16 = (
     Blocks(128, 64, 64, num_warps=4, num_stages=4, ctas_per_sm=2),
@@ -437,20 +438,22 @@ def linear_logprobs_forward(
 
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every forward configuration the launcher can choose on `arch`: per operand dtype, the plain tiles with and
-    without entropy and bias, the soft-capped tiles with everything on, and the 16-bit candidates; on sm_90 each
-    16-bit ones with TMA descriptor loads (the default) and with pointer loads (unaligned operands,
-    `SARKERN_TMA=0`)."""
+    without entropy and bias and the soft-capped tiles with everything on; on sm_90, 16-bit ones with TMA descriptor
+    loads (the default) and with pointer loads (unaligned operands, `SARKERN_TMA=0`), and the candidates with TMA
+    (as `make gpu-check` times them)."""
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = TL_TYPE_NAMES[dtype]
-        variants = [
-            ("plain", forward_blocks(dtype, arch), False, False),
-            ("entropy+bias", forward_blocks(dtype, arch), True, False),
-            ("entropy+bias+softcap", forward_blocks(dtype, arch, softcap=True), True, True),
-        ]
-        if dtype == torch.bfloat16:
-            variants += [(f"entropy+bias, candidate {i}", b, True, False) for i, b in enumerate(FORWARD_CANDIDATES_16)]
         for tma in (True, False) if arch >= 90 and dtype != torch.float32 else (False,):
+            variants = [
+                ("plain", forward_blocks(dtype, arch), False, False),
+                ("entropy+bias", forward_blocks(dtype, arch), True, False),
+                ("entropy+bias+softcap", forward_blocks(dtype, arch, softcap=True), True, True),
+            ]
+            if tma and dtype == torch.bfloat16:
+                variants += [
+                    (f"entropy+bias, candidate {i}", b, True, False) for i, b in enumerate(FORWARD_CANDIDATES_16)
+                ]
             for label, blocks, entropy, softcap in variants:
                 specs.append(
                     KernelSpec(
