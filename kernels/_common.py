@@ -60,8 +60,49 @@ class Blocks:
     block_d: int = 0
     num_warps: int = 4
     num_stages: int = 1
-    # Programs per SM on the GPUs the table targets, as the compile check finds them (it fails if they differ).
+    # Programs per SM the tile was chosen to fit on the GPUs the table targets (the compile check fails if fewer fit;
+    # the launchers size their grids from the compiled kernel itself).
     ctas_per_sm: int = 1
+
+
+def occupancy(
+    registers: int,
+    shared: int,
+    warps: int,
+    *,
+    regs_per_sm: int = 65536,
+    smem_per_sm: int,
+    threads_per_sm: int = 2048,
+    ctas_per_sm: int = 32,
+    reserved_smem_per_cta: int = 1024,
+) -> tuple[int, str]:
+    """Programs of a kernel that fit on one SM at once, and what limits them: registers (allocated per warp in units
+    of 256), shared memory (the driver reserves 1 KiB per program from sm_80 on), threads, or program slots."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    limits = {
+        "registers": regs_per_sm // (regs_per_warp * warps) if regs_per_warp else ctas_per_sm,
+        "shared memory": smem_per_sm // (shared + reserved_smem_per_cta),
+        "threads": threads_per_sm // (32 * warps),
+        "CTA slots": ctas_per_sm,
+    }
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
+
+def compiled_programs_per_sm(compiled, device: torch.device) -> int:
+    """`occupancy` of a compiled Triton kernel on a CUDA device (at least 1)."""
+    compiled._init_handles()  # loads the module; registers are known from then on
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or compiled.metadata.shared + 1024
+    count, _ = occupancy(
+        compiled.n_regs,
+        compiled.metadata.shared,
+        compiled.metadata.num_warps,
+        regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+        smem_per_sm=smem,
+        threads_per_sm=props.max_threads_per_multi_processor,
+    )
+    return max(1, count)
 
 
 # ---------------------------------------------------------------------------------------- TMA operand loads
@@ -127,7 +168,7 @@ class KernelSpec:
     """One configuration a launcher can choose, as the ahead-of-time compile check builds it (see compile_report):
     `pointers` maps pointer arguments to element types (others are fp32), `floats` names the fp32 scalars (other
     scalars are i32), `gemm_dtype` is the operand type of the kernel's `tl.dot` loop, if it has one, and
-    `ctas_per_sm` the occupancy the launcher assumes; `descriptors` names the arguments passed as TMA tensor
+    `ctas_per_sm` the programs per SM the tile was chosen to fit; `descriptors` names the arguments passed as TMA tensor
     descriptors, whose loads the compiled code must issue as TMA copies."""
 
     name: str
@@ -138,7 +179,7 @@ class KernelSpec:
     pointers: dict = field(default_factory=dict)
     floats: tuple = ()
     gemm_dtype: str | None = None
-    ctas_per_sm: int | None = None  # what the launcher assumes (sizing its grid), checked against the compiled code
+    ctas_per_sm: int | None = None  # at least this many must fit per SM (checked against the compiled code)
     descriptors: dict = field(default_factory=dict)  # TMA descriptor arguments: name -> (element type, block shape)
 
 

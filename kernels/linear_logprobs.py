@@ -36,6 +36,7 @@ from ._common import (
     Blocks,
     KernelSpec,
     arch_family,
+    compiled_programs_per_sm,
     dot_precision,
     dot_upcast,
     gemm_descriptors,
@@ -318,11 +319,20 @@ def _combine_kernel(
         tl.atomic_add(segment_counts_ptr + segments, tl.where(counted, 1.0, 0.0), mask=counted)
 
 
-def resident_programs(device: torch.device, blocks: Blocks) -> int:
-    """Programs of the forward resident at once: SMs x the tile's programs per SM (checked by the compile report)."""
+# Programs per SM of each compiled forward variant, keyed by device and variant: measured once from the compiled
+# kernel, since the register count behind it depends on the Triton version as much as on the tile.
+_PROGRAMS_PER_SM: dict[tuple, int] = {}
+
+
+def resident_programs(device: torch.device, variant: tuple, compile_variant) -> int:
+    """Programs of the forward resident at once: SMs x how many programs of the compiled kernel fit on one SM
+    (`compile_variant()` compiles it without launching, the first time `variant` runs on `device`)."""
     if device.type != "cuda":
         return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count * blocks.ctas_per_sm
+    key = (device.index, variant)
+    if key not in _PROGRAMS_PER_SM:
+        _PROGRAMS_PER_SM[key] = compiled_programs_per_sm(compile_variant(), device)
+    return torch.cuda.get_device_properties(device).multi_processor_count * _PROGRAMS_PER_SM[key]
 
 
 def num_splits(n_blocks: int, n_vocab_tiles: int, resident: int) -> int:
@@ -360,7 +370,37 @@ def linear_logprobs_forward(
     tma = tma_loads(arch, hidden, weight)
     n_blocks = max(1, triton.cdiv(n_tokens, blocks.block_n))
     n_vocab_tiles = triton.cdiv(vocab, blocks.block_v)
-    splits = splits or num_splits(n_blocks, n_vocab_tiles, resident_programs(device, blocks))
+    operands = (
+        gemm_operand(hidden, blocks.block_n, blocks.block_d, tma),
+        gemm_operand(weight, blocks.block_v, blocks.block_d, tma),
+        bias if bias is not None else hidden,
+        targets,
+    )
+    constexprs = dict(
+        HAS_BIAS=bias is not None,
+        SOFTCAP=bool(softcap),
+        RETURN_ENTROPY=return_entropy,
+        UPCAST=dot_upcast(hidden.dtype),
+        PRECISION=dot_precision(hidden.dtype),
+        TMA=tma,
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_D=blocks.block_d,
+    )
+    launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+    def arguments(partials: torch.Tensor, n_splits: int, tiles_per_split: int) -> tuple:
+        scalars = (n_tokens, vocab, dim, hidden.stride(0), weight.stride(0), LOG2E.value / temperature)
+        return (*operands, *partials, *scalars, softcap or 1.0, n_splits, tiles_per_split)
+
+    if splits is None:
+
+        def compile_variant():
+            placeholder = torch.empty((4, 1), dtype=torch.float32, device=device)
+            return _partial_kernel.warmup(*arguments(placeholder, 2, 2), grid=(1,), **constexprs, **launch)
+
+        variant = (hidden.dtype, blocks, tuple(constexprs.items()))
+        splits = num_splits(n_blocks, n_vocab_tiles, resident_programs(device, variant, compile_variant))
     splits = max(1, min(splits, n_vocab_tiles))
     tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
     splits = triton.cdiv(n_vocab_tiles, tiles_per_split)
@@ -376,36 +416,7 @@ def linear_logprobs_forward(
     if n_tokens == 0:
         return logprobs, entropy, lse, segment_sums, segment_counts
 
-    _partial_kernel[(n_blocks * splits,)](
-        gemm_operand(hidden, blocks.block_n, blocks.block_d, tma),
-        gemm_operand(weight, blocks.block_v, blocks.block_d, tma),
-        bias if bias is not None else hidden,
-        targets,
-        partials[0],
-        partials[1],
-        partials[2],
-        partials[3],
-        n_tokens,
-        vocab,
-        dim,
-        hidden.stride(0),
-        weight.stride(0),
-        LOG2E.value / temperature,
-        softcap or 1.0,
-        splits,
-        tiles_per_split,
-        HAS_BIAS=bias is not None,
-        SOFTCAP=bool(softcap),
-        RETURN_ENTROPY=return_entropy,
-        UPCAST=dot_upcast(hidden.dtype),
-        PRECISION=dot_precision(hidden.dtype),
-        TMA=tma,
-        BLOCK_N=blocks.block_n,
-        BLOCK_V=blocks.block_v,
-        BLOCK_D=blocks.block_d,
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
-    )
+    _partial_kernel[(n_blocks * splits,)](*arguments(partials, splits, tiles_per_split), **constexprs, **launch)
     combine_block = 16 if interpreting() else COMBINE_BLOCK
     _combine_kernel[(triton.cdiv(n_tokens, combine_block),)](
         partials[0],

@@ -133,6 +133,43 @@ def test_bf16_gradients_accumulate_in_fp32_on_the_torch_path(monkeypatch):
         assert (ours.double() - exact).abs().max() <= 1.25 * final_rounding
 
 
+def test_splits_follow_the_compiled_kernels_occupancy(monkeypatch):
+    """On a GPU the split count comes from how many programs of the compiled kernel fit on an SM (registers per
+    warp in units of 256, shared memory plus the driver's 1 KiB), found once per variant and device."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from sarkern.kernels import linear_logprobs
+
+    class Compiled:  # what Triton's warmup returns, as far as occupancy goes
+        n_regs, metadata = 182, SimpleNamespace(num_warps=4, shared=99360)
+
+        def _init_handles(self):
+            pass
+
+    h100 = SimpleNamespace(
+        multi_processor_count=132,
+        regs_per_multiprocessor=65536,
+        shared_memory_per_multiprocessor=233472,
+        max_threads_per_multi_processor=2048,
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    monkeypatch.setattr(linear_logprobs, "_PROGRAMS_PER_SM", {})
+    compiles = []
+
+    def compile_variant(regs=182, warps=4):
+        compiles.append(regs)
+        compiled = Compiled()
+        compiled.n_regs, compiled.metadata = regs, SimpleNamespace(num_warps=warps, shared=99360)
+        return compiled
+
+    gpu = torch.device("cuda", 0)
+    assert linear_logprobs.resident_programs(gpu, ("tile",), compile_variant) == 2 * 132  # 23 x 256 regs per warp
+    assert linear_logprobs.resident_programs(gpu, ("tile",), compile_variant) == 2 * 132 and len(compiles) == 1
+    assert linear_logprobs.resident_programs(gpu, ("fat",), lambda: compile_variant(255, warps=8)) == 132
+    assert linear_logprobs.num_splits(128, 1187, 264) == 17 and linear_logprobs.num_splits(128, 1187, 132) == 12
+
+
 def test_forward_tile_override_is_validated(monkeypatch):
     """SARKERN_FORWARD_BLOCKS (the tile candidates `make gpu-check` times) overrides the table on a GPU, and a
     malformed value is refused by name rather than launched."""
