@@ -75,4 +75,4 @@ def check_output(is_sarkern, backward, out, inputs, expected, sarkern_out, tol) 
         return {"ok": False, "note": "a gradient is missing"}
     errors = [rel_error(g, e) for g, e in zip(grads, expected)]
     worst = max(errors)
-    return {"gradrel_errors": errors, "bound": tol["grad_rel"], "ok": bool(worst <= tol["grad_rel"])}
+    return {"grad_rel_errors": errors, "bound": tol["grad_rel"], "ok": bool(worst <= tol["grad_rel"])}
