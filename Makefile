@@ -48,7 +48,8 @@ clean:
 # On the GPU machine: `make gpu-check` with $(GPU_WHEELS) carried. It runs the system python (torch 2.11 + Triton 3.6
 # there), never .venv (made here for the CPU); the script installs the wheels and this checkout's sarkern into
 # temporary folders without network, and writes the results to $$OUT when the device tool sets it (else
-# benchmarks/results). Without make: python3 benchmarks/gpu_check.py --wheels .gpu-wheels --out "$$OUT".
+# benchmarks/results). Without make: python3 benchmarks/gpu_check.py --wheels .gpu-wheels --out "$$OUT" (the entry
+# script of the package benchmarks/gpucheck/).
 GPU_PYTHON ?= python3
 GPU_WHEELS ?= .gpu-wheels
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),benchmarks/results)

@@ -1,4 +1,5 @@
-"""`make gpu-check`'s script (benchmarks/gpu_check.py) on the CPU at tiny shapes, so it cannot rot between GPU runs.
+"""`make gpu-check`'s script (benchmarks/gpu_check.py and its package benchmarks/gpucheck/) on the CPU at tiny shapes,
+so it cannot rot between GPU runs.
 
 The whole run goes through the same code as on a GPU: sarkern's Triton kernels under the interpreter and its torch
 path, the peers that are installed, the scorer against the paper's way, the GPU tests (skipped here), the report.
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import gpu_check  # noqa: E402
+from gpucheck.environment import source_digest  # noqa: E402
+from gpucheck.gpu_tests import junit_summary, log_summary  # noqa: E402
+from gpucheck.ops import time_op_family  # noqa: E402
+from gpucheck.report import Run  # noqa: E402
+from gpucheck.settings import FULL, TINY  # noqa: E402
+from gpucheck.targets import evaluate_targets  # noqa: E402
+from gpucheck.timing import BudgetExceeded, Device, Unavailable, outcome_of, time_limit  # noqa: E402
+from gpucheck.variants import checked_candidates, kernel_candidates  # noqa: E402
 
 SECTIONS = {"environment", "tests", "ceilings", "linear", "logits", "sequence_perplexity", "scorer"}
 
@@ -72,7 +81,7 @@ def test_tiny_run_every_section_ran(tiny_run):
     assert {name: s["status"] for name, s in data["sections"].items()} == dict.fromkeys(SECTIONS, "ok")
     # Every section but the environment ran in a process of its own.
     assert all("process_seconds" in s for name, s in data["sections"].items() if name != "environment")
-    assert data["versions"]["torch"] and data["sarkern"]["source_digest"] == gpu_check.source_digest()
+    assert data["versions"]["torch"] and data["sarkern"]["source_digest"] == source_digest()
     # The GPU tests were collected and skipped for want of CUDA: collected, not lost.
     tests = data["tests"]
     assert tests["exit_code"] == 0 and tests["failed"] == tests["errors"] == 0 and tests["skipped"] > 0
@@ -88,6 +97,7 @@ def test_tiny_run_ops_checked_against_float64(tiny_run, family, mode):
         row = rows[f"sarkern[{backend}]"]
         assert row["status"] == "ok", row
         assert row["check"]["ok"] is True, row["check"]
+        assert ("grad_rel_errors" if mode == "forward_backward" else "max_abs_error") in row["check"]
         assert row["median_ms"] > 0 and row["peak_extra_mib"] >= 0
     assert rows["naive"]["status"] == "ok" and rows["naive"]["x_sarkern_time"] > 0
     # Every peer has a row; one that cannot run here says why instead of crashing the run.
@@ -121,31 +131,31 @@ def test_tiny_run_targets_listed_not_judged(tiny_run):
 
 
 def test_outcome_names_the_kind_of_failure():
-    assert gpu_check.outcome_of(gpu_check.Unavailable("no liger"))["status"] == "unavailable"
-    assert gpu_check.outcome_of(gpu_check.BudgetExceeded("late"))["status"] == "skipped"
-    assert gpu_check.outcome_of(RuntimeError("CUDA out of memory. Tried"))["status"] == "oom"
-    error = gpu_check.outcome_of(ValueError("bad"))
+    assert outcome_of(Unavailable("no liger"))["status"] == "unavailable"
+    assert outcome_of(BudgetExceeded("late"))["status"] == "skipped"
+    assert outcome_of(RuntimeError("CUDA out of memory. Tried"))["status"] == "oom"
+    error = outcome_of(ValueError("bad"))
     assert error["status"] == "error" and "ValueError: bad" in error["reason"]
 
 
 def test_time_limit_stops_python_and_keeps_the_outer_limit():
-    with pytest.raises(gpu_check.BudgetExceeded):
-        with gpu_check.time_limit(0.2):
+    with pytest.raises(BudgetExceeded):
+        with time_limit(0.2):
             while True:
                 time.sleep(0.01)
-    with pytest.raises(gpu_check.BudgetExceeded):
-        with gpu_check.time_limit(0.5):
-            with gpu_check.time_limit(30):  # the inner limit is capped by the outer one
+    with pytest.raises(BudgetExceeded):
+        with time_limit(0.5):
+            with time_limit(30):  # the inner limit is capped by the outer one
                 time.sleep(0.01)
             while True:  # ... which still fires after the inner block ended
                 time.sleep(0.01)
-    with pytest.raises(gpu_check.BudgetExceeded):
-        with gpu_check.time_limit(0):
+    with pytest.raises(BudgetExceeded):
+        with time_limit(0):
             pass
 
 
 def test_a_failing_measurement_is_recorded_and_the_run_goes_on(tmp_path):
-    run = gpu_check.Run(gpu_check.TINY, gpu_check.Device("cpu"), tmp_path, "unit")
+    run = Run(TINY, Device("cpu"), tmp_path, "unit")
     with run.section("ceilings"):
         bad = run.measure("boom", lambda: 1 / 0)
         good = run.measure("fine", lambda: {"median_ms": 1.0})
@@ -191,11 +201,11 @@ def _full_data(fwd_ms, fwd_bwd_ms, extra_mib, logits_ms, scorer_time, scorer_mem
 
 
 def test_targets_met_and_missed_from_the_measured_ratios():
-    n, v = gpu_check.FULL.logits
+    n, v = FULL.logits
     logits_bytes = n * v * 2  # bf16
     read_ms_at_90 = logits_bytes / (0.9 * 3000.0 * 1e6)
     data = _full_data(27.0, 120.0, 100.0, read_ms_at_90, 0.4, 0.3)
-    targets = {t["what"]: t for t in gpu_check.evaluate_targets(data, gpu_check.FULL)}
+    targets = {t["what"]: t for t in evaluate_targets(data, FULL)}
     fwd = targets["linear_token_logprobs forward / cuBLAS logits GEMM"]
     assert fwd["status"] == "met" and fwd["ratio"] == pytest.approx(27.0 / 25.0)
     fwd_bwd = targets["linear_token_logprobs forward+backward / three cuBLAS GEMMs"]
@@ -212,7 +222,7 @@ def test_targets_met_and_missed_from_the_measured_ratios():
 def test_targets_not_measured_when_a_section_failed():
     data = _full_data(27.0, 120.0, 1.0, 1.0, 0.4, 0.1)
     data["ceilings"]["gemm"] = {"status": "error", "reason": "boom"}
-    targets = {t["what"]: t for t in gpu_check.evaluate_targets(data, gpu_check.FULL)}
+    targets = {t["what"]: t for t in evaluate_targets(data, FULL)}
     assert targets["linear_token_logprobs forward / cuBLAS logits GEMM"]["status"] == "not measured"
     assert targets["SAR scoring peak memory / paper's way"]["status"] == "met"
 
@@ -224,7 +234,7 @@ def test_outcomes_read_from_an_unfinished_pytest_log():
         "tests/test_gpu_flex.py::test_c SKIPPED (needs CUDA)    [ 42%]\n"
         "tests/test_gpu_flex.py::test_d "
     )
-    summary = gpu_check._log_summary(log)
+    summary = log_summary(log)
     assert (summary["passed"], summary["failed"], summary["skipped"], summary["errors"]) == (1, 1, 1, 0)
     assert summary["failures"] == ["tests/test_gpu_kernels.py::test_b: FAILED"] and summary["unfinished"]
 
@@ -237,7 +247,109 @@ def test_outcomes_read_from_the_junit_report(tmp_path):
         '<skipped message="needs CUDA"/></testcase><testcase classname="tests.t" name="d"><error message="boom"/>'
         "</testcase></testsuite></testsuites>"
     )
-    summary = gpu_check._junit_summary(report)
+    summary = junit_summary(report)
     assert (summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (1, 1, 1, 1)
     assert summary["failures"] == ["tests.t::a: assert 1 == 2", "tests.t::d: boom"]
     assert summary["skip_reasons"] == ["needs CUDA"]
+
+
+# ------------------------------------------------------------------------------------ kernel candidates hook
+
+
+def _unit_run(tmp_path) -> Run:
+    """A tiny run of sarkern's torch path only, with the input check, as the environment section would record it."""
+    run = Run(replace(TINY, backends=("torch",)), Device("cpu"), tmp_path, "unit")
+    run.data["sarkern"] = {"check_inputs": True}
+    return run
+
+
+def test_kernel_candidates_hook_sets_its_variables_for_the_timed_calls(tmp_path, monkeypatch):
+    """`gpu_candidates()` of sarkern.kernels.linear_logprobs: the primary variant is timed once per candidate, forward
+    and forward + backward, with the candidate's variables set for the whole call (its backward included) and
+    restored after; the other variants never see them."""
+    import contenders
+
+    import sarkern
+    from sarkern.kernels import linear_logprobs
+
+    candidates = {
+        "tile 64x32x16 w2 s2": {"SARKERN_TEST_CANDIDATE": "tile", "SARKERN_TEST_KEPT": "tile"},
+        "pointer loads": {"SARKERN_TEST_CANDIDATE": "pointer"},
+    }
+    monkeypatch.setattr(linear_logprobs, "gpu_candidates", lambda: candidates, raising=False)
+    monkeypatch.delenv("SARKERN_TEST_CANDIDATE", raising=False)
+    monkeypatch.setenv("SARKERN_TEST_KEPT", "before")
+    seen: list[tuple[str, str | None, str | None]] = []  # (forward or backward, the two variables then)
+
+    def environment(phase):
+        return phase, os.environ.get("SARKERN_TEST_CANDIDATE"), os.environ.get("SARKERN_TEST_KEPT")
+
+    real = sarkern.linear_token_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(environment("forward"))
+        out = real(*args, **kwargs)
+        if out.requires_grad:
+            out.register_hook(lambda grad: seen.append(environment("backward")))
+        return out
+
+    monkeypatch.setattr(sarkern, "linear_token_logprobs", spy)
+    monkeypatch.setitem(contenders.FAMILIES, "linear", {"naive": contenders.naive_linear})  # one peer is enough
+    run = _unit_run(tmp_path)
+    with run.section("linear"):
+        time_op_family(run, "linear")
+    assert run.data["sections"]["linear"]["status"] == "ok"
+    for mode in ("forward", "forward_backward"):
+        rows = run.data["ops"]["linear"][mode]
+        assert list(rows) == [
+            "sarkern[torch]",
+            "sarkern[torch], check_inputs=False",
+            "sarkern[torch], check_inputs=False, tile 64x32x16 w2 s2",
+            "sarkern[torch], check_inputs=False, pointer loads",
+            "naive",
+        ]
+        for label, variables in candidates.items():
+            row = rows[f"sarkern[torch], check_inputs=False, {label}"]
+            assert row["status"] == "ok" and row["check"]["ok"] is True, row
+            assert row["environment"] == variables
+    # Each candidate's variables while its calls ran, forward and backward; the variants' own calls saw none.
+    for phase in ("forward", "backward"):
+        assert {(c, k) for p, c, k in seen if p == phase} == {(None, "before"), ("tile", "tile"), ("pointer", "before")}
+    assert os.environ.get("SARKERN_TEST_CANDIDATE") is None and os.environ["SARKERN_TEST_KEPT"] == "before"
+    assert "tile 64x32x16 w2 s2" in (tmp_path / "unit.md").read_text()  # the label, readable in the table
+
+
+def test_without_the_hook_the_forward_tile_candidates_are_timed(tmp_path, monkeypatch):
+    from sarkern.kernels import linear_logprobs
+
+    monkeypatch.delattr(linear_logprobs, "gpu_candidates", raising=False)
+    monkeypatch.setattr(linear_logprobs, "FORWARD_CANDIDATES_16", (linear_logprobs.Blocks(128, 64, 64, 4, 4),))
+    run = _unit_run(tmp_path)
+    forward = kernel_candidates(run, backward=False)
+    assert list(forward) == ["sarkern[torch], check_inputs=False, tile 128x64x64 w4 s4"]
+    variant = forward["sarkern[torch], check_inputs=False, tile 128x64x64 w4 s4"]
+    assert variant.environment == {"SARKERN_FORWARD_BLOCKS": "128,64,64,4,4"}
+    assert variant.backend == "torch" and variant.kwargs == {"check_inputs": False}
+    assert kernel_candidates(run, backward=True) == {}  # forward tiles: timed forward only, as before the hook
+
+
+def test_a_malformed_candidates_hook_is_refused_by_name(tmp_path, monkeypatch):
+    with pytest.raises(TypeError, match="gpu_candidates"):
+        checked_candidates([("tile", {"SARKERN_FORWARD_BLOCKS": "128,64,64,4,4"})])
+    with pytest.raises(ValueError, match="label"):
+        checked_candidates({"a | b": {}})
+    with pytest.raises(TypeError, match="all strings"):
+        checked_candidates({"tile": {"SARKERN_FORWARD_BLOCKS": 128}})
+    # In a run, the broken hook costs one row of the linear section, not the section's other rows.
+    import contenders
+
+    from sarkern.kernels import linear_logprobs
+
+    monkeypatch.setattr(linear_logprobs, "gpu_candidates", lambda: {"tile": None}, raising=False)
+    monkeypatch.setitem(contenders.FAMILIES, "linear", {"naive": contenders.naive_linear})
+    run = _unit_run(tmp_path)
+    with run.section("linear"):
+        time_op_family(run, "linear")
+    rows = run.data["ops"]["linear"]["forward"]
+    assert rows["sarkern[torch], check_inputs=False, kernel candidates"]["status"] == "error"
+    assert rows["sarkern[torch], check_inputs=False"]["status"] == "ok" and rows["naive"]["status"] == "ok"
