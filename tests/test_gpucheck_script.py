@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -30,7 +31,7 @@ from gpucheck.report import Run  # noqa: E402
 from gpucheck.settings import FULL, TINY  # noqa: E402
 from gpucheck.targets import evaluate_targets  # noqa: E402
 from gpucheck.timing import BudgetExceeded, Device, Unavailable, outcome_of, time_limit  # noqa: E402
-from gpucheck.variants import checked_candidates, kernel_candidates  # noqa: E402
+from gpucheck.variants import checked_candidates  # noqa: E402
 
 SECTIONS = {"environment", "tests", "ceilings", "linear", "logits", "sequence_perplexity", "scorer"}
 
@@ -319,20 +320,6 @@ def test_kernel_candidates_hook_sets_its_variables_for_the_timed_calls(tmp_path,
     assert "tile 64x32x16 w2 s2" in (tmp_path / "unit.md").read_text()  # the label, readable in the table
 
 
-def test_without_the_hook_the_forward_tile_candidates_are_timed(tmp_path, monkeypatch):
-    from sarkern.kernels import linear_logprobs
-
-    monkeypatch.delattr(linear_logprobs, "gpu_candidates", raising=False)
-    monkeypatch.setattr(linear_logprobs, "FORWARD_CANDIDATES_16", (linear_logprobs.Blocks(128, 64, 64, 4, 4),))
-    run = _unit_run(tmp_path)
-    forward = kernel_candidates(run, backward=False)
-    assert list(forward) == ["sarkern[torch], check_inputs=False, tile 128x64x64 w4 s4"]
-    variant = forward["sarkern[torch], check_inputs=False, tile 128x64x64 w4 s4"]
-    assert variant.environment == {"SARKERN_FORWARD_BLOCKS": "128,64,64,4,4"}
-    assert variant.backend == "torch" and variant.kwargs == {"check_inputs": False}
-    assert kernel_candidates(run, backward=True) == {}  # forward tiles: timed forward only, as before the hook
-
-
 def test_a_malformed_candidates_hook_is_refused_by_name(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="gpu_candidates"):
         checked_candidates([("tile", {"SARKERN_FORWARD_BLOCKS": "128,64,64,4,4"})])
@@ -353,3 +340,17 @@ def test_a_malformed_candidates_hook_is_refused_by_name(tmp_path, monkeypatch):
     rows = run.data["ops"]["linear"]["forward"]
     assert rows["sarkern[torch], check_inputs=False, kernel candidates"]["status"] == "error"
     assert rows["sarkern[torch], check_inputs=False"]["status"] == "ok" and rows["naive"]["status"] == "ok"
+
+
+def test_the_kernels_candidates_pass_the_hook_check(monkeypatch):
+    """What `make gpu-check` will time beside the default: every candidate tile and pointer loads in place of TMA."""
+    pytest.importorskip("triton")
+    from sarkern.kernels import linear_logprobs
+
+    candidates = checked_candidates(linear_logprobs.gpu_candidates())
+    assert {"SARKERN_TMA": "0"} in candidates.values()
+    tiles = [env["SARKERN_FORWARD_BLOCKS"] for env in candidates.values() if "SARKERN_FORWARD_BLOCKS" in env]
+    assert len(tiles) == len(linear_logprobs.FORWARD_CANDIDATES_16)
+    for tile, blocks in zip(tiles, linear_logprobs.FORWARD_CANDIDATES_16):
+        monkeypatch.setenv("SARKERN_FORWARD_BLOCKS", tile)
+        assert linear_logprobs.forward_blocks(torch.bfloat16, 90) == blocks  # programs per SM included

@@ -36,7 +36,7 @@ def _time_mode(run: Run, family: str, backward: bool, shape, dtype, result: dict
     candidates_failed = None
     if family == "linear":
         try:
-            variants.update(kernel_candidates(run, backward))
+            variants.update(kernel_candidates(run))
         except Exception as error:  # a broken candidates hook costs its own row, not the section's others
             candidates_failed = outcome_of(error)
             print(f"   {family} {mode} kernel candidates: {candidates_failed['reason']}", flush=True)

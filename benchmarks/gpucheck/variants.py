@@ -40,30 +40,18 @@ def primary_sarkern(run: Run) -> str:
     return unchecked[0] if unchecked else keys[0]
 
 
-def kernel_candidates(run: Run, backward: bool) -> dict[str, Variant]:
+def kernel_candidates(run: Run) -> dict[str, Variant]:
     """The primary sarkern variant again under each kernel candidate: what the next change of a default would be.
 
-    `sarkern.kernels.linear_logprobs.gpu_candidates()`, where the kernels define it, names the candidates: label ->
-    the environment variables that select one (`{"tile 128x64x64 w4 s4": {"SARKERN_FORWARD_BLOCKS":
-    "128,64,64,4,4"}}`), each timed forward and forward + backward. Without it, each forward tile of
-    FORWARD_CANDIDATES_16 is forced through SARKERN_FORWARD_BLOCKS and timed forward only.
+    `sarkern.kernels.linear_logprobs.gpu_candidates()` names them: label -> the environment variables that select
+    one (`{"tile 128x64x64 w4 s4": {"SARKERN_FORWARD_BLOCKS": "128,64,64,4,4"}, "pointer loads, no TMA":
+    {"SARKERN_TMA": "0"}}`), each timed forward and forward + backward.
     """
     try:
         from sarkern.kernels import linear_logprobs
-    except ImportError:  # no Triton here, or a sarkern without these kernels
+    except ImportError:  # no Triton here
         return {}
-    hook = getattr(linear_logprobs, CANDIDATES_HOOK, None)
-    if hook is not None:
-        candidates = checked_candidates(hook())
-    elif backward:
-        return {}
-    else:
-        candidates = {
-            f"tile {b.block_n}x{b.block_v}x{b.block_d} w{b.num_warps} s{b.num_stages}": {
-                "SARKERN_FORWARD_BLOCKS": f"{b.block_n},{b.block_v},{b.block_d},{b.num_warps},{b.num_stages}"
-            }
-            for b in getattr(linear_logprobs, "FORWARD_CANDIDATES_16", ())
-        }
+    candidates = checked_candidates(getattr(linear_logprobs, CANDIDATES_HOOK)())
     primary = primary_sarkern(run)
     base = sarkern_variants(run)[primary]
     return {
