@@ -117,10 +117,11 @@ def compiled_programs_per_sm(compiled, device: torch.device) -> int:
 TMA_VARIABLE = "SARKERN_TMA"
 
 
-def _tma_setting() -> bool | None:
-    text = os.environ.get(TMA_VARIABLE, "").strip()
+def env_switch(name: str, meaning: str) -> bool | None:
+    """An on/off environment variable: True for 1, False for 0, None when unset; anything else is refused by name."""
+    text = os.environ.get(name, "").strip()
     if text not in ("", "0", "1"):
-        raise ValueError(f"{TMA_VARIABLE}={text!r}: expected 0 (pointer loads), 1 (TMA descriptors) or unset (auto)")
+        raise ValueError(f"{name}={text!r}: expected 1 ({meaning}), 0 (not) or unset (the default)")
     return None if text == "" else text == "1"
 
 
@@ -143,7 +144,7 @@ def _tma_layout_problem(tensor: torch.Tensor) -> str | None:
 
 def tma_loads(arch: int, *operands: torch.Tensor) -> bool:
     """Whether a GEMM kernel on compute capability `arch` (0: interpreted) reads `operands` through TMA descriptors."""
-    forced = _tma_setting()
+    forced = env_switch(TMA_VARIABLE, "TMA descriptor loads")
     if forced is False:
         return False
     problems = [problem for t in operands if (problem := _tma_layout_problem(t))]

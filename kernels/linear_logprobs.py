@@ -39,6 +39,7 @@ from ._common import (
     compiled_programs_per_sm,
     dot_precision,
     dot_upcast,
+    env_switch,
     gemm_descriptors,
     gemm_operand,
     interpreting,
@@ -69,6 +70,10 @@ FORWARD_CANDIDATES_16 = (
     Blocks(128, 64, 64, num_warps=4, num_stages=4, ctas_per_sm=2),
     Blocks(128, 128, 64, num_warps=8, num_stages=4),
 )
+# `SARKERN_FORWARD_FLATTEN=1` (a candidate on sm_90, timed by `make gpu-check`): the forward's loops over vocabulary
+# tiles and K steps become one software-pipelined loop (`tl.range(flatten=True)`), so the next tile's first loads
+# are issued before this tile's softmax epilogue instead of after it.
+FLATTEN_VARIABLE = "SARKERN_FORWARD_FLATTEN"
 INTERPRETER_BLOCKS = Blocks(16, 32, 16, num_warps=1, num_stages=1)
 COMBINE_BLOCK = 128
 
@@ -96,6 +101,7 @@ def gpu_candidates() -> dict[str, dict[str, str]]:
         }
         for b in FORWARD_CANDIDATES_16
     }
+    out["flattened tile loop"] = {FLATTEN_VARIABLE: "1"}
     out["pointer loads, no TMA"] = {TMA_VARIABLE: "0"}
     return out
 
@@ -198,6 +204,7 @@ def _partial_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -219,7 +226,9 @@ def _partial_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     target_x = tl.zeros((BLOCK_N,), tl.float32)
-    for v_start in range(v_begin, v_end, BLOCK_V):
+    # FLATTEN: one software-pipelined loop over (tile, K step), so that the next tile's first loads are in flight
+    # during this tile's softmax epilogue (a candidate, `gpu_candidates`).
+    for v_start in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
         x = _logits_tile(
             hidden,
             weight,
@@ -383,6 +392,7 @@ def linear_logprobs_forward(
         UPCAST=dot_upcast(hidden.dtype),
         PRECISION=dot_precision(hidden.dtype),
         TMA=tma,
+        FLATTEN=bool(env_switch(FLATTEN_VARIABLE, "one flattened loop over tiles and K steps")),
         BLOCK_N=blocks.block_n,
         BLOCK_V=blocks.block_v,
         BLOCK_D=blocks.block_d,
@@ -457,15 +467,16 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         name = TL_TYPE_NAMES[dtype]
         for tma in (True, False) if arch >= 90 and dtype != torch.float32 else (False,):
             variants = [
-                ("plain", forward_blocks(dtype, arch), False, False),
-                ("entropy+bias", forward_blocks(dtype, arch), True, False),
-                ("entropy+bias+softcap", forward_blocks(dtype, arch, softcap=True), True, True),
+                ("plain", forward_blocks(dtype, arch), False, False, False),
+                ("entropy+bias", forward_blocks(dtype, arch), True, False, False),
+                ("entropy+bias+softcap", forward_blocks(dtype, arch, softcap=True), True, True, False),
             ]
             if tma and dtype == torch.bfloat16:
                 variants += [
-                    (f"entropy+bias, candidate {i}", b, True, False) for i, b in enumerate(FORWARD_CANDIDATES_16)
+                    (f"entropy+bias, candidate {i}", b, True, False, False) for i, b in enumerate(FORWARD_CANDIDATES_16)
                 ]
-            for label, blocks, entropy, softcap in variants:
+                variants += [("entropy+bias, flattened", forward_blocks(dtype, arch), True, False, True)]
+            for label, blocks, entropy, softcap, flatten in variants:
                 specs.append(
                     KernelSpec(
                         name=f"_partial_kernel[{name}, {label}, {blocks.block_n}x{blocks.block_v}x{blocks.block_d}"
@@ -478,6 +489,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             UPCAST=False,
                             PRECISION=dot_precision(dtype),
                             TMA=tma,
+                            FLATTEN=flatten,
                             BLOCK_N=blocks.block_n,
                             BLOCK_V=blocks.block_v,
                             BLOCK_D=blocks.block_d,

@@ -64,16 +64,25 @@ def test_backward_matches_reference(dtype):
         torch.testing.assert_close(leaf.grad.double(), ref.grad, atol=tol * scale, rtol=tol)
 
 
-@pytest.mark.parametrize("loads", ["auto", "pointers", "descriptors"])
+LOADS = {
+    "auto": {},
+    "pointers": {"SARKERN_TMA": "0"},
+    "descriptors": {"SARKERN_TMA": "1"},
+    "flattened-loop": {"SARKERN_FORWARD_FLATTEN": "1"},
+}
+
+
+@pytest.mark.parametrize("loads", LOADS)
 @pytest.mark.parametrize("dim", [1000, 1001])
 def test_operand_loads_match_reference(monkeypatch, loads, dim):
-    """Both ways the GEMM kernels read hidden and weight rows: TMA descriptors (the default from sm_90, when the rows
-    are 16-byte aligned) and pointer loads, forward and backward, on tiles that overhang every edge. 1001 bf16
-    values make 2002-byte rows, which TMA cannot address: auto takes pointers, and forcing descriptors is refused."""
+    """Every way the GEMM kernels can read hidden and weight rows: TMA descriptors (the default from sm_90, when
+    the rows are 16-byte aligned), pointer loads, and the flattened-loop candidate, forward and backward, on tiles
+    that overhang every edge. 1001 bf16 values make 2002-byte rows, which TMA cannot address: auto takes pointers,
+    and forcing descriptors is refused."""
     from sarkern.kernels._common import TMA_VARIABLE
 
-    if loads != "auto":
-        monkeypatch.setenv(TMA_VARIABLE, "1" if loads == "descriptors" else "0")
+    for name, value in LOADS[loads].items():
+        monkeypatch.setenv(name, value)
     torch.manual_seed(dim)
     n, vocab = 999, 32003
     hidden = torch.randn(n, dim, device="cuda", dtype=torch.float64).bfloat16()

@@ -170,6 +170,18 @@ def test_splits_follow_the_compiled_kernels_occupancy(monkeypatch):
     assert linear_logprobs.num_splits(128, 1187, 264) == 17 and linear_logprobs.num_splits(128, 1187, 132) == 12
 
 
+def test_flattened_tile_loop_candidate(monkeypatch):
+    """SARKERN_FORWARD_FLATTEN=1 changes only how the compiler pipelines the forward's loops (a `make gpu-check`
+    candidate): the numbers stay the reference's, and a malformed value is refused by name."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SARKERN_BACKEND", "triton")
+    monkeypatch.setenv("SARKERN_FORWARD_FLATTEN", "1")
+    check_against_reference((37,), 24, 101, torch.bfloat16, seed=4)
+    monkeypatch.setenv("SARKERN_FORWARD_FLATTEN", "true")
+    with pytest.raises(ValueError, match="SARKERN_FORWARD_FLATTEN"):
+        check_against_reference((5,), 16, 40, torch.bfloat16)
+
+
 def test_forward_tile_override_is_validated(monkeypatch):
     """SARKERN_FORWARD_BLOCKS (the tile candidates `make gpu-check` times) overrides the table on a GPU, and a
     malformed value is refused by name rather than launched."""
