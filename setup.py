@@ -21,10 +21,11 @@ setup(
     # The bundled tiny model (a few MB) ships inside the package: it is `sarkern train`'s default.
     package_data={"sarkern.tiny": ["model/*"]},
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.8",  # GEMMs with fp32 output from 16-bit operands (the fused backward)
         "numpy",
         # Triton ships wheels for Linux x86-64 and aarch64 only; elsewhere the chunked PyTorch path runs.
-        "triton>=3.2; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+        # 3.4: host-side TMA tensor descriptors and `tl.range(flatten=...)`.
+        "triton>=3.4; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
         "train": [

@@ -9,11 +9,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-
-try:  # host-side TMA descriptors: Triton 3.4 and later
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def interpreting() -> bool:
@@ -149,9 +145,7 @@ def tma_loads(arch: int, *operands: torch.Tensor) -> bool:
         return False
     problems = [problem for t in operands if (problem := _tma_layout_problem(t))]
     if forced is None:
-        return 90 <= arch and not problems and TensorDescriptor is not None
-    if TensorDescriptor is None:
-        raise ValueError(f"{TMA_VARIABLE}=1, but Triton {triton.__version__} has no host tensor descriptors")
+        return 90 <= arch and not problems
     if 0 < arch < 90:
         raise ValueError(f"{TMA_VARIABLE}=1, but TMA needs compute capability 9.0 or later (this GPU: {arch / 10})")
     if problems:

@@ -4,8 +4,9 @@
 and writes `d loss / d logits` for it in the input dtype; the launcher turns each tile into the gradients of hidden,
 weight and bias with two tensor-core GEMMs, so memory stays bounded by one tile.
 
-Accumulation: the hidden-state gradient of a token chunk accumulates in fp32 over every vocabulary tile; the weight
-gradient accumulates in its own dtype across token chunks (rounded once per chunk: 16 times at N = 16384). Exact
+Accumulation: the hidden-state gradient of a token chunk accumulates in fp32 over every vocabulary tile, each tile's
+product leaving cuBLAS in fp32 (`_add_product_fp32`), never rounded to the operands' 16 bits; the weight gradient
+accumulates in its own dtype across token chunks (rounded once per chunk: 16 times at N = 16384). Exact
 fp32 accumulation of both would need either an fp32 `[V, D]` (2.5 GB at V = 151936, D = 4096) or an fp32 `[N, D]`
 buffer (256 MiB at N = 16384) across the whole loop, both far beyond DESIGN.md's 64 MiB, or a fourth GEMM
 (recomputing the logits once per loop order), which would break the 1.45x forward + backward target.
@@ -204,6 +205,16 @@ def linear_logprobs_grad_logits(
     return out
 
 
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`acc + a @ b` in fp32 for fp32 `acc`: 16-bit CUDA operands take cuBLAS's fp32-output GEMM (fp32 accumulation,
+    one fp32 result: 16 MiB at [1024, 4096], within the 64 MiB bound), so the product is not rounded to 16 bits
+    first; elsewhere (the interpreter's CPU tensors, fp32 operands) the operands are fp32, in which products of
+    16-bit values are exact, so both sum the same products."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.addmm_(a.float(), b.float())
+
+
 def linear_logprobs_backward(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor | None,
@@ -256,7 +267,7 @@ def linear_logprobs_backward(
                 softcap=softcap,
             )
             if needs_hidden_grad:
-                hidden_acc += grad_tile @ w
+                hidden_acc = _add_product_fp32(hidden_acc, grad_tile, w)
             if needs_weight_grad:
                 grad_weight[v0:v1].addmm_(grad_tile.T, h)
             if grad_bias is not None:

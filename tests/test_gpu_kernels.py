@@ -105,6 +105,13 @@ def test_operand_loads_match_reference(monkeypatch, loads, dim):
         torch.testing.assert_close(leaf.grad.double(), ref.grad, atol=2e-2 * scale, rtol=2e-2)
 
 
+def test_hidden_gradient_products_leave_cublas_in_fp32():
+    """The backward's `grad_tile @ weight` uses cuBLAS's fp32-output GEMM (torch >= 2.8), not a bf16 result."""
+    from test_linear_token_logprobs import _check_fp32_product
+
+    _check_fp32_product("cuda")
+
+
 def test_token_logprobs_design_shape_bf16():
     torch.manual_seed(2)
     logits = (torch.randn(8192, 151936, device="cuda") * 4).bfloat16()

@@ -133,6 +133,29 @@ def test_bf16_gradients_accumulate_in_fp32_on_the_torch_path(monkeypatch):
         assert (ours.double() - exact).abs().max() <= 1.25 * final_rounding
 
 
+def _check_fp32_product(device):
+    """`_add_product_fp32(acc, a, b)` from 16-bit operands is `acc + a @ b` to fp32 accuracy (the error bound of an
+    fp32-accumulated dot product of k terms), far inside the half-ulp of bf16 that rounding the product would cost."""
+    from sarkern.kernels.linear_logprobs_grad import _add_product_fp32
+
+    g = torch.Generator().manual_seed(3)
+    k = 1024
+    a = torch.randn(64, k, generator=g).bfloat16().to(device)
+    b = torch.randn(k, 48, generator=g).bfloat16().to(device)
+    acc = torch.randn(64, 48, generator=g).to(device)
+    exact = acc.double() + a.double() @ b.double()
+    out = _add_product_fp32(acc.clone(), a, b)
+    assert out.dtype == torch.float32
+    bound = (k + 2) * 2.0**-24 * (acc.double().abs() + a.double().abs() @ b.double().abs())
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert (bound < 2.0**-9 * exact.abs().max()).all()  # a bf16 rounding of the product could not pass
+
+
+def test_hidden_gradient_products_stay_fp32():
+    pytest.importorskip("triton")
+    _check_fp32_product("cpu")
+
+
 def test_splits_follow_the_compiled_kernels_occupancy(monkeypatch):
     """On a GPU the split count comes from how many programs of the compiled kernel fit on an SM (registers per
     warp in units of 256, shared memory plus the driver's 1 KiB), found once per variant and device."""

@@ -7,12 +7,10 @@ import pytest
 import torch
 from test_linear_token_logprobs import check_against_reference
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 from sarkern.kernels import _common  # noqa: E402
 from sarkern.kernels._common import TMA_VARIABLE, TensorDescriptor, tma_loads  # noqa: E402
-
-pytestmark = pytest.mark.skipif(TensorDescriptor is None, reason=f"Triton {triton.__version__} has no TMA descriptors")
 
 
 @pytest.fixture
