@@ -58,8 +58,9 @@ FORWARD_BLOCKS = {
     (90, 32): Blocks(64, 64, 32, num_warps=4, num_stages=3, ctas_per_sm=2),
     (80, 32): Blocks(64, 64, 16, num_warps=4, num_stages=3, ctas_per_sm=2),
 }
-# Soft-capping adds a tanh (exp, divide) per logit to the epilogue: with 16-bit operands the [128, 128] tile then
-# spills on sm_90a, so capped logits take half as many rows per tile.
+# Soft-capping adds a tanh (exp, divide) per logit to the epilogue: with 16-bit operands and pointer loads the
+# [128, 128] tile then spills (2 instructions on sm_90a), so capped logits take half as many rows per tile; with TMA
+# loads (sm_90) the default tile fits (203 registers).
 SOFTCAP_BLOCKS_16 = Blocks(64, 128, 64, num_warps=8, num_stages=3)
 # Candidates a GPU run times against the default on sm_90, with TMA loads (compiled and reported too;
 # `gpu_candidates`): a 64-wide vocabulary tile with one warpgroup, so that two programs share an SM and one's softmax
@@ -78,16 +79,17 @@ INTERPRETER_BLOCKS = Blocks(16, 32, 16, num_warps=1, num_stages=1)
 COMBINE_BLOCK = 128
 
 
-def forward_blocks(dtype: torch.dtype, arch: int, softcap: bool = False) -> Blocks:
-    """The forward's tiles for operands of `dtype` on compute capability `arch` (90 for sm_90, 0 interpreted).
-    `SARKERN_FORWARD_BLOCKS=N,V,D,warps,stages` overrides them on a GPU, to time a candidate (`make gpu-check`)."""
+def forward_blocks(dtype: torch.dtype, arch: int, softcap: bool = False, tma: bool = False) -> Blocks:
+    """The forward's tiles for operands of `dtype` on compute capability `arch` (90 for sm_90, 0 interpreted), read
+    through TMA descriptors or not. `SARKERN_FORWARD_BLOCKS=N,V,D,warps,stages` overrides them on a GPU, to time a
+    candidate (`make gpu-check`)."""
     if arch == 0:
         return INTERPRETER_BLOCKS
     override = _blocks_override()
     if override is not None:
         return override
     width = 32 if dtype == torch.float32 else 16
-    if softcap and width == 16:
+    if softcap and width == 16 and not tma:
         return SOFTCAP_BLOCKS_16
     return FORWARD_BLOCKS[(90 if arch >= 90 else 80, width)]
 
@@ -375,8 +377,8 @@ def linear_logprobs_forward(
     vocab = weight.shape[0]
     device = hidden.device
     arch = 0 if interpreting() else arch_family(device)
-    blocks = forward_blocks(hidden.dtype, arch, bool(softcap))
     tma = tma_loads(arch, hidden, weight)
+    blocks = forward_blocks(hidden.dtype, arch, bool(softcap), tma)
     n_blocks = max(1, triton.cdiv(n_tokens, blocks.block_n))
     n_vocab_tiles = triton.cdiv(vocab, blocks.block_v)
     operands = (
@@ -469,7 +471,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
             variants = [
                 ("plain", forward_blocks(dtype, arch), False, False, False),
                 ("entropy+bias", forward_blocks(dtype, arch), True, False, False),
-                ("entropy+bias+softcap", forward_blocks(dtype, arch, softcap=True), True, True, False),
+                ("entropy+bias+softcap", forward_blocks(dtype, arch, softcap=True, tma=tma), True, True, False),
             ]
             if tma and dtype == torch.bfloat16:
                 variants += [
