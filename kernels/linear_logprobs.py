@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -354,6 +355,104 @@ def num_splits(n_blocks: int, n_vocab_tiles: int, resident: int) -> int:
     return max(1, min(n_vocab_tiles, max(group, triton.cdiv(2 * resident, n_blocks)), 1024))
 
 
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How `_partial_kernel` launches for given operands (`make gpu-check` reports it beside the times)."""
+
+    blocks: Blocks
+    constexprs: dict
+    resident: int  # programs resident at once (SMs x programs per SM of the compiled kernel; 2 interpreted)
+    splits: int
+    tiles_per_split: int
+
+    @property
+    def tma(self) -> bool:
+        return self.constexprs["TMA"]
+
+    def describe(self) -> str:
+        b = self.blocks
+        loads = "TMA" if self.tma else "pointer loads"
+        flat = ", flattened loop" if self.constexprs["FLATTEN"] else ""
+        return (
+            f"{b.block_n}x{b.block_v}x{b.block_d} w{b.num_warps} s{b.num_stages}, {loads}{flat}, "
+            f"{self.resident} resident programs, {self.splits} vocabulary splits of {self.tiles_per_split} tiles"
+        )
+
+
+def _gemm_operands(hidden: torch.Tensor, weight: torch.Tensor, blocks: Blocks, tma: bool) -> tuple:
+    return gemm_operand(hidden, blocks.block_n, blocks.block_d, tma), gemm_operand(
+        weight, blocks.block_v, blocks.block_d, tma
+    )
+
+
+def _arguments(plan, hidden, weight, bias, targets, partials, temperature, softcap, splits, tiles_per_split) -> tuple:
+    """`_partial_kernel`'s positional arguments."""
+    n_tokens, dim = hidden.shape
+    return (
+        *_gemm_operands(hidden, weight, plan.blocks, plan.tma),
+        bias if bias is not None else hidden,
+        targets,
+        *partials,
+        n_tokens,
+        weight.shape[0],
+        dim,
+        hidden.stride(0),
+        weight.stride(0),
+        LOG2E.value / temperature,
+        softcap or 1.0,
+        splits,
+        tiles_per_split,
+    )
+
+
+def plan_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    has_bias: bool,
+    return_entropy: bool,
+    softcap: float = 0.0,
+    splits: int | None = None,
+) -> ForwardPlan:
+    """Tiles, operand loads and vocabulary splits of the forward for `hidden [N, D]` and `weight [V, D]`; on a GPU
+    the first plan of each variant compiles the kernel to count how many of its programs fit on an SM."""
+    n_tokens = hidden.shape[0]
+    device = hidden.device
+    arch = 0 if interpreting() else arch_family(device)
+    tma = tma_loads(arch, hidden, weight)
+    blocks = forward_blocks(hidden.dtype, arch, bool(softcap), tma)
+    constexprs = dict(
+        HAS_BIAS=has_bias,
+        SOFTCAP=bool(softcap),
+        RETURN_ENTROPY=return_entropy,
+        UPCAST=dot_upcast(hidden.dtype),
+        PRECISION=dot_precision(hidden.dtype),
+        TMA=tma,
+        FLATTEN=bool(env_switch(FLATTEN_VARIABLE, "one flattened loop over tiles and K steps")),
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_D=blocks.block_d,
+    )
+    plan = ForwardPlan(blocks, constexprs, resident=2, splits=1, tiles_per_split=1)
+
+    def compile_variant():
+        placeholder = torch.empty((4, 1), dtype=torch.float32, device=device)
+        targets = torch.zeros(1, dtype=torch.int64, device=device)
+        arguments = _arguments(plan, hidden, weight, None, targets, placeholder, 1.0, softcap, 2, 2)
+        return _partial_kernel.warmup(*arguments, grid=(1,), **constexprs, **_launch_options(blocks))
+
+    resident = resident_programs(device, (hidden.dtype, blocks, tuple(constexprs.items())), compile_variant)
+    n_blocks = max(1, triton.cdiv(n_tokens, blocks.block_n))
+    n_vocab_tiles = triton.cdiv(weight.shape[0], blocks.block_v)
+    splits = max(1, min(splits or num_splits(n_blocks, n_vocab_tiles, resident), n_vocab_tiles))
+    tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
+    return ForwardPlan(blocks, constexprs, resident, triton.cdiv(n_vocab_tiles, tiles_per_split), tiles_per_split)
+
+
+def _launch_options(blocks: Blocks) -> dict:
+    return dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -373,52 +472,9 @@ def linear_logprobs_forward(
     and are left out of their segment. Segment sums and counts are empty unless `segment_ids` is given. `softcap`
     0 means none; `splits` overrides the number of vocabulary splits (tests).
     """
-    n_tokens, dim = hidden.shape
+    n_tokens = hidden.shape[0]
     vocab = weight.shape[0]
-    device = hidden.device
-    arch = 0 if interpreting() else arch_family(device)
-    tma = tma_loads(arch, hidden, weight)
-    blocks = forward_blocks(hidden.dtype, arch, bool(softcap), tma)
-    n_blocks = max(1, triton.cdiv(n_tokens, blocks.block_n))
-    n_vocab_tiles = triton.cdiv(vocab, blocks.block_v)
-    operands = (
-        gemm_operand(hidden, blocks.block_n, blocks.block_d, tma),
-        gemm_operand(weight, blocks.block_v, blocks.block_d, tma),
-        bias if bias is not None else hidden,
-        targets,
-    )
-    constexprs = dict(
-        HAS_BIAS=bias is not None,
-        SOFTCAP=bool(softcap),
-        RETURN_ENTROPY=return_entropy,
-        UPCAST=dot_upcast(hidden.dtype),
-        PRECISION=dot_precision(hidden.dtype),
-        TMA=tma,
-        FLATTEN=bool(env_switch(FLATTEN_VARIABLE, "one flattened loop over tiles and K steps")),
-        BLOCK_N=blocks.block_n,
-        BLOCK_V=blocks.block_v,
-        BLOCK_D=blocks.block_d,
-    )
-    launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-
-    def arguments(partials: torch.Tensor, n_splits: int, tiles_per_split: int) -> tuple:
-        scalars = (n_tokens, vocab, dim, hidden.stride(0), weight.stride(0), LOG2E.value / temperature)
-        return (*operands, *partials, *scalars, softcap or 1.0, n_splits, tiles_per_split)
-
-    if splits is None:
-
-        def compile_variant():
-            placeholder = torch.empty((4, 1), dtype=torch.float32, device=device)
-            return _partial_kernel.warmup(*arguments(placeholder, 2, 2), grid=(1,), **constexprs, **launch)
-
-        variant = (hidden.dtype, blocks, tuple(constexprs.items()))
-        splits = num_splits(n_blocks, n_vocab_tiles, resident_programs(device, variant, compile_variant))
-    splits = max(1, min(splits, n_vocab_tiles))
-    tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
-    splits = triton.cdiv(n_vocab_tiles, tiles_per_split)
-
-    f32 = dict(dtype=torch.float32, device=device)
-    partials = torch.empty((4, splits, n_tokens), **f32)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
     logprobs = torch.empty(n_tokens, **f32)
     lse = torch.empty(n_tokens, **f32)
     entropy = torch.empty(n_tokens, **f32) if return_entropy else logprobs.new_empty(0)
@@ -428,7 +484,18 @@ def linear_logprobs_forward(
     if n_tokens == 0:
         return logprobs, entropy, lse, segment_sums, segment_counts
 
-    _partial_kernel[(n_blocks * splits,)](*arguments(partials, splits, tiles_per_split), **constexprs, **launch)
+    plan = plan_forward(
+        hidden, weight, has_bias=bias is not None, return_entropy=return_entropy, softcap=softcap, splits=splits
+    )
+    partials = torch.empty((4, plan.splits, n_tokens), **f32)
+    n_blocks = triton.cdiv(n_tokens, plan.blocks.block_n)
+    _partial_kernel[(n_blocks * plan.splits,)](
+        *_arguments(
+            plan, hidden, weight, bias, targets, partials, temperature, softcap, plan.splits, plan.tiles_per_split
+        ),
+        **plan.constexprs,
+        **_launch_options(plan.blocks),
+    )
     combine_block = 16 if interpreting() else COMBINE_BLOCK
     _combine_kernel[(triton.cdiv(n_tokens, combine_block),)](
         partials[0],
@@ -444,13 +511,13 @@ def linear_logprobs_forward(
         segment_counts,
         n_tokens,
         vocab,
-        splits,
+        plan.splits,
         num_segments,
         ignore_index,
         RETURN_ENTROPY=return_entropy,
         HAS_SEGMENTS=has_segments,
         BLOCK_N=combine_block,
-        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_S=triton.next_power_of_2(plan.splits),
         num_warps=1 if interpreting() else 4,
     )
     return logprobs, entropy, lse, segment_sums, segment_counts

@@ -99,3 +99,21 @@ def test_forced_descriptors_are_refused_through_the_op(descriptor_calls, monkeyp
         import sarkern
 
         sarkern.linear_token_logprobs(hidden, weight, torch.tensor([1, 2, 3]))
+
+
+def test_the_forward_plan_names_its_loads_tiles_and_splits(monkeypatch):
+    """`plan_forward` (what the launcher runs, and what `make gpu-check` reports beside its times)."""
+    from sarkern.kernels.linear_logprobs import plan_forward
+
+    hidden, weight = torch.randn(40, 32).bfloat16(), torch.randn(300, 32).bfloat16()
+    monkeypatch.setenv(TMA_VARIABLE, "1")
+    monkeypatch.setenv("SARKERN_FORWARD_FLATTEN", "1")
+    plan = plan_forward(hidden, weight, has_bias=False, return_entropy=True, splits=3)
+    assert plan.tma and plan.constexprs["FLATTEN"] and plan.constexprs["RETURN_ENTROPY"]
+    assert (plan.splits, plan.tiles_per_split) == (3, 4)  # 10 tiles of 32 columns: 4 + 4 + 2
+    assert plan.describe() == (
+        "16x32x16 w1 s1, TMA, flattened loop, 2 resident programs, 3 vocabulary splits of 4 tiles"
+    )
+    monkeypatch.setenv(TMA_VARIABLE, "0")
+    monkeypatch.delenv("SARKERN_FORWARD_FLATTEN")
+    assert "pointer loads," in plan_forward(hidden, weight, has_bias=False, return_entropy=False).describe()

@@ -9,7 +9,7 @@ from .accuracy import check_output, reference_forward, reference_grads
 from .report import Run
 from .settings import MiB, tolerances
 from .timing import nbytes, outcome_of, ratio, sarkern_backend
-from .variants import kernel_candidates, primary_sarkern, sarkern_runner, sarkern_variants
+from .variants import forward_plan, kernel_candidates, primary_sarkern, sarkern_runner, sarkern_variants
 
 
 def time_op_family(run: Run, family: str) -> None:
@@ -87,6 +87,8 @@ def _time_mode(run: Run, family: str, backward: bool, shape, dtype, result: dict
         rows[key] = run.measure(f"{family} {mode} {key}", lambda key=key: measure(key))
         if key in variants and variants[key].environment:
             rows[key]["environment"] = variants[key].environment
+        if key in variants and family == "linear" and rows[key].get("status") == "ok":
+            rows[key]["launch"] = forward_plan(variants[key], inputs)
         if key != primary:
             outputs.pop(key, None)
     if candidates_failed:

@@ -173,6 +173,10 @@ def render(run: Run) -> str:
             )
             out.append("")
             out += _contender_table(fam[mode], ratio_cols)
+            plans = [(key, row["launch"]) for key, row in fam[mode].items() if row.get("launch")]
+            if plans and mode == "forward":
+                out += ["", "How each sarkern row's fused forward launched:", ""]
+                out += [f"- `{key}`: {plan}" for key, plan in plans]
     sp = data.get("ops", {}).get("sequence_perplexity")
     if sp:
         s = sp["shape"]

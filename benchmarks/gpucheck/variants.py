@@ -97,3 +97,16 @@ def sarkern_runner(op: str, variant: Variant, inputs, backward: bool):
             return fn()
 
     return with_environment
+
+
+def forward_plan(variant: Variant, inputs) -> str | None:
+    """How sarkern's fused forward launches for `inputs` under `variant` (tiles, operand loads, resident programs,
+    vocabulary splits), or None where the Triton kernels do not run it (the torch backend)."""
+    from sarkern.backends import select_backend
+
+    with sarkern_backend(variant.backend), env_vars(variant.environment):
+        if select_backend(inputs.hidden.device) != "triton":
+            return None
+        from sarkern.kernels.linear_logprobs import plan_forward
+
+        return plan_forward(inputs.hidden, inputs.weight, has_bias=False, return_entropy=False).describe()
