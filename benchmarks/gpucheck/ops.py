@@ -33,10 +33,13 @@ def _time_mode(run: Run, family: str, backward: bool, shape, dtype, result: dict
     settings, device = run.settings, run.device
     mode = "forward_backward" if backward else "forward"
     variants = sarkern_variants(run)
+    candidates: list[str] = []  # timed after the peers: if the section's budget runs out, the candidates go first
     candidates_failed = None
     if family == "linear":
         try:
-            variants.update(kernel_candidates(run))
+            found = kernel_candidates(run)
+            variants.update(found)
+            candidates = list(found)
         except Exception as error:  # a broken candidates hook costs its own row, not the section's others
             candidates_failed = outcome_of(error)
             print(f"   {family} {mode} kernel candidates: {candidates_failed['reason']}", flush=True)
@@ -83,12 +86,15 @@ def _time_mode(run: Run, family: str, backward: bool, shape, dtype, result: dict
             "extra_beyond_outputs_mib": (peak - allowed) / MiB,
         }
 
-    for key in [*variants, *peers]:
+    for key in [*(k for k in variants if k not in candidates), *peers, *candidates]:
         rows[key] = run.measure(f"{family} {mode} {key}", lambda key=key: measure(key))
         if key in variants and variants[key].environment:
             rows[key]["environment"] = variants[key].environment
         if key in variants and family == "linear" and rows[key].get("status") == "ok":
-            rows[key]["launch"] = forward_plan(variants[key], inputs)
+            try:
+                rows[key]["launch"] = forward_plan(variants[key], inputs)
+            except Exception as error:  # a report detail: never worth the section's other rows
+                rows[key]["launch"] = f"unknown ({outcome_of(error)['reason'][:200]})"
         if key != primary:
             outputs.pop(key, None)
     if candidates_failed:
