@@ -182,10 +182,45 @@ class KernelSpec:
 TL_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def gemm_descriptors(type_name: str, blocks: Blocks) -> dict:
-    """`KernelSpec.descriptors` of a kernel reading `hidden` and `weight` through TMA, as `gemm_operand` builds them."""
-    return dict(
-        hidden=(type_name, (blocks.block_n, blocks.block_d)), weight=(type_name, (blocks.block_v, blocks.block_d))
+def gemm_kernel_spec(
+    kernel,
+    label: str,
+    dtype: torch.dtype,
+    blocks: Blocks,
+    tma: bool,
+    constexprs: dict,
+    *,
+    pointers: dict | None = None,
+    floats: tuple = (),
+    ctas_per_sm: int | None = None,
+) -> KernelSpec:
+    """The `KernelSpec` of a kernel built on `_logits_tile` (hidden and weight as pointers or TMA descriptors, a
+    bias pointer, int64 targets, `logit_scale` and `softcap`), for operands of `dtype` in `blocks` tiles."""
+    name = TL_TYPE_NAMES[dtype]
+    tile = f"{blocks.block_n}x{blocks.block_v}x{blocks.block_d}"
+    return KernelSpec(
+        name=f"{kernel.__name__}[{name}, {label}, {tile}{', TMA' if tma else ''}]",
+        kernel=kernel,
+        constexprs=dict(
+            **constexprs,
+            UPCAST=False,
+            PRECISION=dot_precision(dtype),
+            TMA=tma,
+            BLOCK_N=blocks.block_n,
+            BLOCK_V=blocks.block_v,
+            BLOCK_D=blocks.block_d,
+        ),
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+        pointers=dict(hidden=name, weight=name, bias_ptr=name, targets_ptr="i64", **(pointers or {})),
+        descriptors=(
+            dict(hidden=(name, (blocks.block_n, blocks.block_d)), weight=(name, (blocks.block_v, blocks.block_d)))
+            if tma
+            else {}
+        ),
+        floats=("logit_scale", "softcap", *floats),
+        gemm_dtype=name,
+        ctas_per_sm=ctas_per_sm,
     )
 
 

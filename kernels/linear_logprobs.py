@@ -32,7 +32,6 @@ import triton.language as tl
 from ._common import (
     LN2,
     LOG2E,
-    TL_TYPE_NAMES,
     TMA_VARIABLE,
     Blocks,
     KernelSpec,
@@ -41,7 +40,7 @@ from ._common import (
     dot_precision,
     dot_upcast,
     env_switch,
-    gemm_descriptors,
+    gemm_kernel_spec,
     gemm_operand,
     interpreting,
     soft_cap,
@@ -533,7 +532,6 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     (as `make gpu-check` times them)."""
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        name = TL_TYPE_NAMES[dtype]
         for tma in (True, False) if arch >= 90 and dtype != torch.float32 else (False,):
             variants = [
                 ("plain", forward_blocks(dtype, arch), False, False, False),
@@ -546,30 +544,10 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                 ]
                 variants += [("entropy+bias, flattened", forward_blocks(dtype, arch), True, False, True)]
             for label, blocks, entropy, softcap, flatten in variants:
+                constexprs = dict(HAS_BIAS=entropy, SOFTCAP=softcap, RETURN_ENTROPY=entropy, FLATTEN=flatten)
                 specs.append(
-                    KernelSpec(
-                        name=f"_partial_kernel[{name}, {label}, {blocks.block_n}x{blocks.block_v}x{blocks.block_d}"
-                        f"{', TMA' if tma else ''}]",
-                        kernel=_partial_kernel,
-                        constexprs=dict(
-                            HAS_BIAS=entropy,
-                            SOFTCAP=softcap,
-                            RETURN_ENTROPY=entropy,
-                            UPCAST=False,
-                            PRECISION=dot_precision(dtype),
-                            TMA=tma,
-                            FLATTEN=flatten,
-                            BLOCK_N=blocks.block_n,
-                            BLOCK_V=blocks.block_v,
-                            BLOCK_D=blocks.block_d,
-                        ),
-                        num_warps=blocks.num_warps,
-                        num_stages=blocks.num_stages,
-                        pointers=dict(hidden=name, weight=name, bias_ptr=name, targets_ptr="i64"),
-                        descriptors=gemm_descriptors(name, blocks) if tma else {},
-                        floats=("logit_scale", "softcap"),
-                        gemm_dtype=name,
-                        ctas_per_sm=blocks.ctas_per_sm,
+                    gemm_kernel_spec(
+                        _partial_kernel, label, dtype, blocks, tma, constexprs, ctas_per_sm=blocks.ctas_per_sm
                     )
                 )
     for segments in (True, False):

@@ -29,7 +29,7 @@ from ._common import (
     arch_family,
     dot_precision,
     dot_upcast,
-    gemm_descriptors,
+    gemm_kernel_spec,
     gemm_operand,
     interpreting,
     soft_cap_slope,
@@ -290,30 +290,19 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     ):
         if tma and (arch < 90 or dtype == torch.float32):  # TMA: sm_90 on, 16-bit operands (`_common.tma_loads`)
             continue
-        name = TL_TYPE_NAMES[dtype]
-        blocks = grad_blocks(dtype, arch, heavy)
+        constexprs = dict(HAS_BIAS=heavy, SOFTCAP=heavy, HAS_GRAD_ENTROPY=heavy)
+        label = "entropy+bias+softcap" if heavy else "plain"
+        pointers = dict(grad_logits_ptr=TL_TYPE_NAMES[dtype])
         specs.append(
-            KernelSpec(
-                name=f"_grad_logits_kernel[{name}, {'entropy+bias+softcap' if heavy else 'plain'}, "
-                f"{blocks.block_n}x{blocks.block_v}x{blocks.block_d}{', TMA' if tma else ''}]",
-                kernel=_grad_logits_kernel,
-                constexprs=dict(
-                    HAS_BIAS=heavy,
-                    SOFTCAP=heavy,
-                    HAS_GRAD_ENTROPY=heavy,
-                    UPCAST=False,
-                    PRECISION=dot_precision(dtype),
-                    TMA=tma,
-                    BLOCK_N=blocks.block_n,
-                    BLOCK_V=blocks.block_v,
-                    BLOCK_D=blocks.block_d,
-                ),
-                num_warps=blocks.num_warps,
-                num_stages=blocks.num_stages,
-                pointers=dict(grad_logits_ptr=name, hidden=name, weight=name, bias_ptr=name, targets_ptr="i64"),
-                descriptors=gemm_descriptors(name, blocks) if tma else {},
-                floats=("logit_scale", "inv_temperature", "softcap"),
-                gemm_dtype=name,
+            gemm_kernel_spec(
+                _grad_logits_kernel,
+                label,
+                dtype,
+                grad_blocks(dtype, arch, heavy),
+                tma,
+                constexprs,
+                pointers=pointers,
+                floats=("inv_temperature",),
             )
         )
     return specs
