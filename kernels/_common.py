@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,22 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 def interpreting() -> bool:
     """True when Triton runs kernels with its CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_operand_device(launcher):
+    """Runs `launcher` with the CUDA device of its first tensor argument current. Triton launches on the current
+    device, which need not hold the tensors (a model placed on cuda:1 by a process whose current device is cuda:0),
+    and descriptors and occupancy are read for the current device too."""
+
+    @functools.wraps(launcher)
+    def on_device(*args, **kwargs):
+        tensor = next(a for a in args if isinstance(a, torch.Tensor))
+        if not tensor.is_cuda:
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return launcher(*args, **kwargs)
+
+    return on_device
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:

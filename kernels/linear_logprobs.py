@@ -43,6 +43,7 @@ from ._common import (
     gemm_kernel_spec,
     gemm_operand,
     interpreting,
+    on_operand_device,
     soft_cap,
     tma_loads,
 )
@@ -452,6 +453,7 @@ def _launch_options(blocks: Blocks) -> dict:
     return dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
+@on_operand_device
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,

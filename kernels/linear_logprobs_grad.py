@@ -32,6 +32,7 @@ from ._common import (
     gemm_kernel_spec,
     gemm_operand,
     interpreting,
+    on_operand_device,
     soft_cap_slope,
     tma_loads,
 )
@@ -143,6 +144,7 @@ def _grad_logits_kernel(
     tl.store(out, grad_x.to(grad_logits_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < vocab))
 
 
+@on_operand_device
 def linear_logprobs_grad_logits(
     out: torch.Tensor,
     hidden: torch.Tensor,
@@ -215,6 +217,7 @@ def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
     return acc.addmm_(a.float(), b.float())
 
 
+@on_operand_device
 def linear_logprobs_backward(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor | None,

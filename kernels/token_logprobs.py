@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, interpreting, soft_cap, soft_cap_slope
+from ._common import KernelSpec, interpreting, on_operand_device, soft_cap, soft_cap_slope
 
 
 @triton.jit
@@ -166,6 +166,7 @@ def _block_v(vocab: int) -> int:
     return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
 
 
+@on_operand_device
 def token_logprobs_forward(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -205,6 +206,7 @@ def token_logprobs_forward(
     return logprobs, entropy, lse
 
 
+@on_operand_device
 def token_logprobs_backward(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor | None,

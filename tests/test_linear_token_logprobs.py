@@ -218,3 +218,30 @@ def test_forward_tile_override_is_validated(monkeypatch):
         monkeypatch.setenv("SARKERN_FORWARD_BLOCKS", bad)
         with pytest.raises(ValueError, match="SARKERN_FORWARD_BLOCKS"):
             forward_blocks(torch.bfloat16, 90)
+
+
+def test_launchers_run_on_the_operands_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: every public launcher makes its operands' device current first
+    (a model on cuda:1 in a process whose current device is cuda:0). Checked with a stand-in device guard."""
+    pytest.importorskip("triton")
+    import contextlib
+    from unittest import mock
+
+    from sarkern import kernels
+    from sarkern.kernels._common import on_operand_device
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device_guard(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    launcher = on_operand_device(lambda *args: "launched")
+    with mock.patch.object(torch.Tensor, "is_cuda", new_callable=mock.PropertyMock, return_value=True):
+        assert launcher(None, torch.zeros(1), 3) == "launched"
+    assert entered == [torch.device("cpu")]  # the stand-in records which tensor's device was made current
+    assert launcher(torch.zeros(1)) == "launched" and len(entered) == 1  # CPU tensors: no guard
+    for name in kernels.__all__:
+        assert getattr(kernels, name).__wrapped__, name  # every public launcher is wrapped
