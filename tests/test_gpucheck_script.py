@@ -100,6 +100,7 @@ def test_tiny_run_ops_checked_against_float64(tiny_run, family, mode):
         assert row["check"]["ok"] is True, row["check"]
         assert ("grad_rel_errors" if mode == "forward_backward" else "max_abs_error") in row["check"]
         assert row["median_ms"] > 0 and row["peak_extra_mib"] >= 0
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
     assert rows["naive"]["status"] == "ok" and rows["naive"]["x_sarkern_time"] > 0
     if family == "linear":  # how the fused forward launched, where the Triton kernels ran it
         assert "resident programs" in rows["sarkern[triton]"]["launch"] and rows["sarkern[torch]"]["launch"] is None

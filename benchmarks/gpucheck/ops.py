@@ -77,11 +77,13 @@ def _time_mode(run: Run, family: str, backward: bool, shape, dtype, result: dict
         peak = device.peak_bytes(fn)
         clear_grads()
         allowed = nbytes(outputs[key]) + (nbytes(*inputs.leaves()) if backward else 0)
-        median = device.median_ms(fn, settings.rep_ms)
+        p20, median, p80 = device.quantiles_ms(fn, settings.rep_ms)
         clear_grads()
         return {
             "check": check,
             "median_ms": median,
+            "p20_ms": p20,
+            "p80_ms": p80,
             "peak_extra_mib": peak / MiB,
             "extra_beyond_outputs_mib": (peak - allowed) / MiB,
         }

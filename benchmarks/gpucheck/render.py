@@ -24,7 +24,7 @@ def fmt(value, digits=3) -> str:
 def _contender_table(rows: dict, ratio_keys: list[tuple[str, str]]) -> list[str]:
     import labels
 
-    head = ["contender", "status", "median ms", "peak MiB", *[title for title, _ in ratio_keys], "check"]
+    head = ["contender", "status", "median ms (p20-p80)", "peak MiB", *[title for title, _ in ratio_keys], "check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, row in rows.items():
         status = row.get("status", "?")
@@ -42,7 +42,7 @@ def _contender_table(rows: dict, ratio_keys: list[tuple[str, str]]) -> list[str]
         cells = [
             key if key.startswith("sarkern") or key == "paper" else f"{key} ({labels.label(key)})",
             status,
-            fmt(row.get("median_ms")),
+            fmt(row.get("median_ms")) + (f" ({fmt(row['p20_ms'])}-{fmt(row['p80_ms'])})" if "p20_ms" in row else ""),
             fmt(row.get("peak_extra_mib")),
             *[fmt(row.get(k)) for _, k in ratio_keys],
             check_text,

@@ -70,17 +70,26 @@ class Device:
 
     def median_ms(self, fn: Callable[[], object], rep_ms: float) -> float:
         """Median time of one call after the caller's warm-up (compilation, autotuning, workspaces)."""
+        return self.quantiles_ms(fn, rep_ms)[1]
+
+    def quantiles_ms(self, fn: Callable[[], object], rep_ms: float) -> tuple[float, float, float]:
+        """20th, 50th and 80th percentile times of one call after the caller's warm-up: the median, and a spread
+        to tell a candidate's gain from noise."""
         if self.cuda:
             import triton.testing
 
-            return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms / 4), rep=rep_ms, return_mode="median"))
+            q = triton.testing.do_bench(fn, warmup=max(25, rep_ms / 4), rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+            return tuple(float(t) for t in q)
         times, spent = [], 0.0  # the caller warmed up
         while not times or (spent < rep_ms and len(times) < 50):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
             spent += times[-1]
-        return statistics.median(times)
+        if len(times) < 2:
+            return times[0], times[0], times[0]
+        deciles = statistics.quantiles(times, n=10, method="inclusive")
+        return deciles[1], statistics.median(times), deciles[7]
 
     def timed_calls(self, fn: Callable[[], object], reps: int) -> tuple[list[float], int]:
         """Times (ms) of `reps` calls after the caller's warm-up, and the peak memory of those calls beyond what
