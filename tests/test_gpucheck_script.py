@@ -268,19 +268,19 @@ def _unit_run(tmp_path) -> Run:
 
 
 def test_kernel_candidates_hook_sets_its_variables_for_the_timed_calls(tmp_path, monkeypatch):
-    """`gpu_candidates()` of sarkern.kernels.linear_logprobs: the primary variant is timed once per candidate, forward
-    and forward + backward, with the candidate's variables set for the whole call (its backward included) and
-    restored after; the other variants never see them."""
+    """`gpu_candidates()` of sarkern.kernels.linear_logprobs_tiles: the primary variant is timed once per candidate,
+    forward and forward + backward, with the candidate's variables set for the whole call (its backward included)
+    and restored after; the other variants never see them."""
     import contenders
 
     import sarkern
-    from sarkern.kernels import linear_logprobs
+    from sarkern.kernels import linear_logprobs_tiles
 
     candidates = {
         "tile 64x32x16 w2 s2": {"SARKERN_TEST_CANDIDATE": "tile", "SARKERN_TEST_KEPT": "tile"},
         "pointer loads": {"SARKERN_TEST_CANDIDATE": "pointer"},
     }
-    monkeypatch.setattr(linear_logprobs, "gpu_candidates", lambda: candidates, raising=False)
+    monkeypatch.setattr(linear_logprobs_tiles, "gpu_candidates", lambda: candidates)
     monkeypatch.delenv("SARKERN_TEST_CANDIDATE", raising=False)
     monkeypatch.setenv("SARKERN_TEST_KEPT", "before")
     seen: list[tuple[str, str | None, str | None]] = []  # (forward or backward, the two variables then)
@@ -333,9 +333,9 @@ def test_a_malformed_candidates_hook_is_refused_by_name(tmp_path, monkeypatch):
     # In a run, the broken hook costs one row of the linear section, not the section's other rows.
     import contenders
 
-    from sarkern.kernels import linear_logprobs
+    from sarkern.kernels import linear_logprobs_tiles
 
-    monkeypatch.setattr(linear_logprobs, "gpu_candidates", lambda: {"tile": None}, raising=False)
+    monkeypatch.setattr(linear_logprobs_tiles, "gpu_candidates", lambda: {"tile": None})
     monkeypatch.setitem(contenders.FAMILIES, "linear", {"naive": contenders.naive_linear})
     run = _unit_run(tmp_path)
     with run.section("linear"):
@@ -348,12 +348,12 @@ def test_a_malformed_candidates_hook_is_refused_by_name(tmp_path, monkeypatch):
 def test_the_kernels_candidates_pass_the_hook_check(monkeypatch):
     """What `make gpu-check` will time beside the default: every candidate tile and pointer loads in place of TMA."""
     pytest.importorskip("triton")
-    from sarkern.kernels import linear_logprobs
+    from sarkern.kernels import linear_logprobs_tiles as tiles_module
 
-    candidates = checked_candidates(linear_logprobs.gpu_candidates())
-    assert {"SARKERN_TMA": "0"} in candidates.values()
+    candidates = checked_candidates(tiles_module.gpu_candidates())
+    assert {"SARKERN_TMA": "0"} in candidates.values() and {"SARKERN_FORWARD_FLATTEN": "1"} in candidates.values()
     tiles = [env["SARKERN_FORWARD_BLOCKS"] for env in candidates.values() if "SARKERN_FORWARD_BLOCKS" in env]
-    assert len(tiles) == len(linear_logprobs.FORWARD_CANDIDATES_16)
-    for tile, blocks in zip(tiles, linear_logprobs.FORWARD_CANDIDATES_16):
+    assert len(tiles) == len(tiles_module.FORWARD_CANDIDATES_16)
+    for tile, blocks in zip(tiles, tiles_module.FORWARD_CANDIDATES_16):
         monkeypatch.setenv("SARKERN_FORWARD_BLOCKS", tile)
-        assert linear_logprobs.forward_blocks(torch.bfloat16, 90) == blocks  # programs per SM included
+        assert tiles_module.forward_blocks(torch.bfloat16, 90) == replace(blocks, ctas_per_sm=1)

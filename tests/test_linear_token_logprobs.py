@@ -209,10 +209,10 @@ def test_forward_tile_override_is_validated(monkeypatch):
     """SARKERN_FORWARD_BLOCKS (the tile candidates `make gpu-check` times) overrides the table on a GPU, and a
     malformed value is refused by name rather than launched."""
     pytest.importorskip("triton")
-    from sarkern.kernels.linear_logprobs import Blocks, forward_blocks
+    from sarkern.kernels.linear_logprobs_tiles import Blocks, forward_blocks
 
     monkeypatch.setenv("SARKERN_FORWARD_BLOCKS", "128,64,64,4,4")
-    assert forward_blocks(torch.bfloat16, 90) == Blocks(128, 64, 64, 4, 4, ctas_per_sm=2)  # as compiled
+    assert forward_blocks(torch.bfloat16, 90) == Blocks(128, 64, 64, 4, 4)
     assert forward_blocks(torch.bfloat16, 0).block_n == 16  # the interpreter keeps its tiny tiles
     for bad in ("128,64,64,4", "128,60,64,4,4", "a,b,c,d,e", "128,64,64,4,0"):
         monkeypatch.setenv("SARKERN_FORWARD_BLOCKS", bad)

@@ -1,5 +1,5 @@
 """Which sarkern configurations section 4 times: one per backend, with and without the input check, and the
-primary one again under each kernel candidate (`gpu_candidates()` of `sarkern.kernels.linear_logprobs`)."""
+primary one again under each kernel candidate (`gpu_candidates()` of `sarkern.kernels.linear_logprobs_tiles`)."""
 
 from __future__ import annotations
 
@@ -43,15 +43,15 @@ def primary_sarkern(run: Run) -> str:
 def kernel_candidates(run: Run) -> dict[str, Variant]:
     """The primary sarkern variant again under each kernel candidate: what the next change of a default would be.
 
-    `sarkern.kernels.linear_logprobs.gpu_candidates()` names them: label -> the environment variables that select
+    `sarkern.kernels.linear_logprobs_tiles.gpu_candidates()` names them: label -> the environment variables that select
     one (`{"tile 128x64x64 w4 s4": {"SARKERN_FORWARD_BLOCKS": "128,64,64,4,4"}, "pointer loads, no TMA":
     {"SARKERN_TMA": "0"}}`), each timed forward and forward + backward.
     """
     try:
-        from sarkern.kernels import linear_logprobs
+        from sarkern.kernels import linear_logprobs_tiles
     except ImportError:  # no Triton here
         return {}
-    candidates = checked_candidates(getattr(linear_logprobs, CANDIDATES_HOOK)())
+    candidates = checked_candidates(getattr(linear_logprobs_tiles, CANDIDATES_HOOK)())
     primary = primary_sarkern(run)
     base = sarkern_variants(run)[primary]
     return {
@@ -63,7 +63,7 @@ def kernel_candidates(run: Run) -> dict[str, Variant]:
 def checked_candidates(candidates) -> dict[str, dict[str, str]]:
     """`gpu_candidates()`'s result, refused by name unless it is label -> {variable: value}, all strings, each
     label fit for a markdown table cell."""
-    where = f"sarkern.kernels.linear_logprobs.{CANDIDATES_HOOK}()"
+    where = f"sarkern.kernels.linear_logprobs_tiles.{CANDIDATES_HOOK}()"
     if not isinstance(candidates, dict):
         raise TypeError(f"{where} returned {type(candidates).__name__}: expected dict[str, dict[str, str]]")
     for label, environment in candidates.items():
