@@ -199,6 +199,19 @@ class KernelSpec:
 TL_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def gemm_constexprs(dtype: torch.dtype, blocks: Blocks, tma: bool) -> dict:
+    """The constexprs every kernel built on `_logits_tile` passes it: how its operands are read and multiplied, and
+    the tile sizes."""
+    return dict(
+        UPCAST=dot_upcast(dtype),
+        PRECISION=dot_precision(dtype),
+        TMA=tma,
+        BLOCK_N=blocks.block_n,
+        BLOCK_V=blocks.block_v,
+        BLOCK_D=blocks.block_d,
+    )
+
+
 def gemm_kernel_spec(
     kernel,
     label: str,
@@ -218,15 +231,7 @@ def gemm_kernel_spec(
     return KernelSpec(
         name=f"{kernel.__name__}[{name}, {label}, {tile}{', TMA' if tma else ''}]",
         kernel=kernel,
-        constexprs=dict(
-            **constexprs,
-            UPCAST=False,
-            PRECISION=dot_precision(dtype),
-            TMA=tma,
-            BLOCK_N=blocks.block_n,
-            BLOCK_V=blocks.block_v,
-            BLOCK_D=blocks.block_d,
-        ),
+        constexprs={**constexprs, **gemm_constexprs(dtype, blocks, tma)},
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
         pointers=dict(hidden=name, weight=name, bias_ptr=name, targets_ptr="i64", **(pointers or {})),

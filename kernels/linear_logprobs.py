@@ -35,9 +35,8 @@ from ._common import (
     KernelSpec,
     arch_family,
     compiled_programs_per_sm,
-    dot_precision,
-    dot_upcast,
     env_switch,
+    gemm_constexprs,
     gemm_kernel_spec,
     gemm_operand,
     interpreting,
@@ -349,13 +348,8 @@ def plan_forward(
         HAS_BIAS=has_bias,
         SOFTCAP=bool(softcap),
         RETURN_ENTROPY=return_entropy,
-        UPCAST=dot_upcast(hidden.dtype),
-        PRECISION=dot_precision(hidden.dtype),
-        TMA=tma,
         FLATTEN=bool(env_switch(FLATTEN_VARIABLE, "one flattened loop over tiles and K steps")),
-        BLOCK_N=blocks.block_n,
-        BLOCK_V=blocks.block_v,
-        BLOCK_D=blocks.block_d,
+        **gemm_constexprs(hidden.dtype, blocks, tma),
     )
     plan = ForwardPlan(blocks, constexprs, resident=2, splits=1, tiles_per_split=1)
 
