@@ -84,6 +84,7 @@ def _signature(spec) -> tuple[dict, dict]:
     """Triton types of the kernel's arguments, and 16-byte divisibility for pointers, strides and the hidden size,
     as Triton specializes them at launch for real shapes."""
     signature, attrs = {}, {}
+    unaligned = {p.name for p in spec.kernel.params if p.do_not_specialize_on_alignment}  # as the launch sees them
     for index, arg in enumerate(spec.kernel.arg_names):
         if arg in spec.constexprs:
             signature[arg] = "constexpr"
@@ -92,7 +93,8 @@ def _signature(spec) -> tuple[dict, dict]:
             signature[arg] = f"tensordesc<{element}[{', '.join(map(str, block))}]>"
         elif arg.endswith("_ptr") or arg in spec.pointers:
             signature[arg] = "*" + spec.pointers.get(arg, "fp32")
-            attrs[(index,)] = [["tt.divisibility", 16]]
+            if arg not in unaligned:
+                attrs[(index,)] = [["tt.divisibility", 16]]
         elif arg in spec.floats:
             signature[arg] = "fp32"
         else:

@@ -105,7 +105,13 @@ def _logits_tile(
     return tl.where(col_mask[None, :], acc * logit_scale, float("-inf"))
 
 
-@triton.jit
+# The partial sums' pointers and the split counts vary with the split count, which the launch plan derives from the
+# compiled kernel (`plan_forward`): not specializing on them makes the plan's warm-up compile the kernel the launch
+# then runs.
+@triton.jit(
+    do_not_specialize=["num_splits", "tiles_per_split"],
+    do_not_specialize_on_alignment=["part_max_ptr", "part_sum_ptr", "part_t_ptr", "part_target_ptr"],
+)
 def _partial_kernel(
     hidden,
     weight,
@@ -331,21 +337,23 @@ def _arguments(plan, hidden, weight, bias, targets, partials, temperature, softc
 def plan_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
     *,
-    has_bias: bool,
     return_entropy: bool,
     softcap: float = 0.0,
     splits: int | None = None,
 ) -> ForwardPlan:
     """Tiles, operand loads and vocabulary splits of the forward for `hidden [N, D]` and `weight [V, D]`; on a GPU
-    the first plan of each variant compiles the kernel to count how many of its programs fit on an SM."""
+    the first plan of each variant compiles (without launching) the kernel the launch will run, to count how many
+    of its programs fit on an SM."""
     n_tokens = hidden.shape[0]
     device = hidden.device
     arch = 0 if interpreting() else arch_family(device)
     tma = tma_loads(arch, hidden, weight)
     blocks = forward_blocks(hidden.dtype, arch, bool(softcap), tma)
     constexprs = dict(
-        HAS_BIAS=has_bias,
+        HAS_BIAS=bias is not None,
         SOFTCAP=bool(softcap),
         RETURN_ENTROPY=return_entropy,
         FLATTEN=bool(env_switch(FLATTEN_VARIABLE, "one flattened loop over tiles and K steps")),
@@ -354,9 +362,8 @@ def plan_forward(
     plan = ForwardPlan(blocks, constexprs, resident=2, splits=1, tiles_per_split=1)
 
     def compile_variant():
-        placeholder = torch.empty((4, 1), dtype=torch.float32, device=device)
-        targets = torch.zeros(1, dtype=torch.int64, device=device)
-        arguments = _arguments(plan, hidden, weight, None, targets, placeholder, 1.0, softcap, 2, 2)
+        partials = torch.empty((4, 1), dtype=torch.float32, device=device)
+        arguments = _arguments(plan, hidden, weight, bias, targets, partials, 1.0, softcap, 2, 2)
         return _partial_kernel.warmup(*arguments, grid=(1,), **constexprs, **_launch_options(blocks))
 
     resident = resident_programs(device, (hidden.dtype, blocks, tuple(constexprs.items())), compile_variant)
@@ -403,9 +410,7 @@ def linear_logprobs_forward(
     if n_tokens == 0:
         return logprobs, entropy, lse, segment_sums, segment_counts
 
-    plan = plan_forward(
-        hidden, weight, has_bias=bias is not None, return_entropy=return_entropy, softcap=softcap, splits=splits
-    )
+    plan = plan_forward(hidden, weight, bias, targets, return_entropy=return_entropy, softcap=softcap, splits=splits)
     partials = torch.empty((4, plan.splits, n_tokens), **f32)
     n_blocks = triton.cdiv(n_tokens, plan.blocks.block_n)
     _partial_kernel[(n_blocks * plan.splits,)](

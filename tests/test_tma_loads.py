@@ -108,7 +108,8 @@ def test_the_forward_plan_names_its_loads_tiles_and_splits(monkeypatch):
     hidden, weight = torch.randn(40, 32).bfloat16(), torch.randn(300, 32).bfloat16()
     monkeypatch.setenv(TMA_VARIABLE, "1")
     monkeypatch.setenv("SARKERN_FORWARD_FLATTEN", "1")
-    plan = plan_forward(hidden, weight, has_bias=False, return_entropy=True, splits=3)
+    targets = torch.zeros(40, dtype=torch.int64)
+    plan = plan_forward(hidden, weight, None, targets, return_entropy=True, splits=3)
     assert plan.tma and plan.constexprs["FLATTEN"] and plan.constexprs["RETURN_ENTROPY"]
     assert (plan.splits, plan.tiles_per_split) == (3, 4)  # 10 tiles of 32 columns: 4 + 4 + 2
     assert plan.describe() == (
@@ -116,4 +117,4 @@ def test_the_forward_plan_names_its_loads_tiles_and_splits(monkeypatch):
     )
     monkeypatch.setenv(TMA_VARIABLE, "0")
     monkeypatch.delenv("SARKERN_FORWARD_FLATTEN")
-    assert "pointer loads," in plan_forward(hidden, weight, has_bias=False, return_entropy=False).describe()
+    assert "pointer loads," in plan_forward(hidden, weight, None, targets, return_entropy=False).describe()

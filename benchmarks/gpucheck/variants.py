@@ -109,4 +109,4 @@ def forward_plan(variant: Variant, inputs) -> str | None:
             return None
         from sarkern.kernels.linear_logprobs import plan_forward
 
-        return plan_forward(inputs.hidden, inputs.weight, has_bias=False, return_entropy=False).describe()
+        return plan_forward(inputs.hidden, inputs.weight, None, inputs.targets, return_entropy=False).describe()
