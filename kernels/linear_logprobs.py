@@ -46,7 +46,11 @@ from ._common import (
 )
 from .linear_logprobs_tiles import FLATTEN_VARIABLE, FORWARD_CANDIDATES_16, forward_blocks
 
+# `_combine_kernel` holds every split of its tokens at once: a [BLOCK_S, BLOCK_N] tile of at most COMBINE_ELEMENTS
+# values (16 per thread at 4 warps: no spills), so BLOCK_N shrinks as the splits grow, up to MAX_SPLITS.
 COMBINE_BLOCK = 128
+COMBINE_ELEMENTS = 2048
+MAX_SPLITS = 128
 
 
 @triton.jit
@@ -279,9 +283,18 @@ def resident_programs(device: torch.device, variant: tuple, compile_variant) -> 
 def num_splits(n_blocks: int, n_vocab_tiles: int, resident: int) -> int:
     """Vocabulary splits: about sqrt(resident) of them, so that the resident programs span as many token blocks as
     splits (the smallest L2 working set, module docstring), and more when there are few token blocks, so that at
-    least two waves of programs cover the SMs; never more than the vocabulary tiles."""
+    least two waves of programs cover the SMs; never more than the vocabulary tiles or MAX_SPLITS (one token block
+    then runs as 128 programs, about one wave)."""
     group = math.isqrt(max(1, resident - 1)) + 1
-    return max(1, min(n_vocab_tiles, max(group, triton.cdiv(2 * resident, n_blocks)), 1024))
+    return max(1, min(n_vocab_tiles, max(group, triton.cdiv(2 * resident, n_blocks)), MAX_SPLITS))
+
+
+def combine_tile(splits: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_N) of `_combine_kernel` for `splits` vocabulary splits (16 tokens per program interpreted)."""
+    block_s = triton.next_power_of_2(splits)
+    if interpreting():
+        return block_s, 16
+    return block_s, max(16, min(COMBINE_BLOCK, COMBINE_ELEMENTS // block_s))
 
 
 @dataclass(frozen=True)
@@ -420,7 +433,7 @@ def linear_logprobs_forward(
         **plan.constexprs,
         **_launch_options(plan.blocks),
     )
-    combine_block = 16 if interpreting() else COMBINE_BLOCK
+    block_s, combine_block = combine_tile(plan.splits)
     _combine_kernel[(triton.cdiv(n_tokens, combine_block),)](
         partials[0],
         partials[1],
@@ -441,7 +454,7 @@ def linear_logprobs_forward(
         RETURN_ENTROPY=return_entropy,
         HAS_SEGMENTS=has_segments,
         BLOCK_N=combine_block,
-        BLOCK_S=triton.next_power_of_2(plan.splits),
+        BLOCK_S=block_s,
         num_warps=1 if interpreting() else 4,
     )
     return logprobs, entropy, lse, segment_sums, segment_counts
@@ -475,12 +488,13 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                         _partial_kernel, label, dtype, blocks, tma, constexprs, ctas_per_sm=blocks.ctas_per_sm
                     )
                 )
-    for segments in (True, False):
+    for segments, splits in ((True, 16), (False, 16), (True, MAX_SPLITS)):
+        block_s, block_n = combine_tile(splits)
         specs.append(
             KernelSpec(
-                name=f"_combine_kernel[{'segments, ' if segments else ''}entropy]",
+                name=f"_combine_kernel[{'segments, ' if segments else ''}entropy, {block_s}x{block_n}]",
                 kernel=_combine_kernel,
-                constexprs=dict(RETURN_ENTROPY=True, HAS_SEGMENTS=segments, BLOCK_N=COMBINE_BLOCK, BLOCK_S=16),
+                constexprs=dict(RETURN_ENTROPY=True, HAS_SEGMENTS=segments, BLOCK_N=block_n, BLOCK_S=block_s),
                 num_warps=4,
                 num_stages=1,
                 pointers=dict(targets_ptr="i64", segment_ids_ptr="i64"),

@@ -202,12 +202,13 @@ def linear_logprobs_grad_logits(
 
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`acc + a @ b` in fp32 for fp32 `acc`: 16-bit CUDA operands take cuBLAS's fp32-output GEMM (fp32 accumulation,
-    one fp32 result: 16 MiB at [1024, 4096], within the 64 MiB bound), so the product is not rounded to 16 bits
-    first; elsewhere (the interpreter's CPU tensors, fp32 operands) the operands are fp32, in which products of
-    16-bit values are exact, so both sum the same products."""
+    """`acc += a @ b` for fp32 `acc`: 16-bit CUDA operands take cuBLAS's fp32-output GEMM (fp32 accumulation, one
+    fp32 result: 16 MiB at [1024, 4096], within the 64 MiB bound), so the product is not rounded to 16 bits first;
+    elsewhere (the interpreter's CPU tensors, fp32 operands) the operands are fp32, in which products of 16-bit
+    values are exact, so both sum the same products. (`mm(out_dtype=)` exists from torch 2.8 on; `addmm` with an
+    fp32 `acc` and 16-bit operands is refused before torch 2.10.)"""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     return acc.addmm_(a.float(), b.float())
 
 

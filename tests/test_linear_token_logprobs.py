@@ -191,6 +191,10 @@ def test_splits_follow_the_compiled_kernels_occupancy(monkeypatch):
     assert linear_logprobs.resident_programs(gpu, ("tile",), compile_variant) == 2 * 132 and len(compiles) == 1
     assert linear_logprobs.resident_programs(gpu, ("fat",), lambda: compile_variant(255, warps=8)) == 132
     assert linear_logprobs.num_splits(128, 1187, 264) == 17 and linear_logprobs.num_splits(128, 1187, 132) == 12
+    # One token block (N <= 128) spreads over at most MAX_SPLITS programs, whose combine tile stays 2048 values.
+    assert linear_logprobs.num_splits(1, 1187, 264) == linear_logprobs.MAX_SPLITS == 128
+    monkeypatch.setattr(linear_logprobs, "interpreting", lambda: False)
+    assert linear_logprobs.combine_tile(12) == (16, 128) and linear_logprobs.combine_tile(128) == (128, 16)
 
 
 def test_flattened_tile_loop_candidate(monkeypatch):
