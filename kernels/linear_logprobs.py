@@ -321,17 +321,12 @@ class ForwardPlan:
         )
 
 
-def _gemm_operands(hidden: torch.Tensor, weight: torch.Tensor, blocks: Blocks, tma: bool) -> tuple:
-    return gemm_operand(hidden, blocks.block_n, blocks.block_d, tma), gemm_operand(
-        weight, blocks.block_v, blocks.block_d, tma
-    )
-
-
-def _arguments(plan, hidden, weight, bias, targets, partials, temperature, softcap, splits, tiles_per_split) -> tuple:
+def _arguments(blocks, tma, hidden, weight, bias, targets, partials, temperature, softcap, splits, tiles_per_split):
     """`_partial_kernel`'s positional arguments."""
     n_tokens, dim = hidden.shape
     return (
-        *_gemm_operands(hidden, weight, plan.blocks, plan.tma),
+        gemm_operand(hidden, blocks.block_n, blocks.block_d, tma),
+        gemm_operand(weight, blocks.block_v, blocks.block_d, tma),
         bias if bias is not None else hidden,
         targets,
         *partials,
@@ -372,11 +367,10 @@ def plan_forward(
         FLATTEN=bool(env_switch(FLATTEN_VARIABLE, "one flattened loop over tiles and K steps")),
         **gemm_constexprs(hidden.dtype, blocks, tma),
     )
-    plan = ForwardPlan(blocks, constexprs, resident=2, splits=1, tiles_per_split=1)
 
     def compile_variant():
         partials = torch.empty((4, 1), dtype=torch.float32, device=device)
-        arguments = _arguments(plan, hidden, weight, bias, targets, partials, 1.0, softcap, 2, 2)
+        arguments = _arguments(blocks, tma, hidden, weight, bias, targets, partials, 1.0, softcap, 2, 2)
         return _partial_kernel.warmup(*arguments, grid=(1,), **constexprs, **_launch_options(blocks))
 
     resident = resident_programs(device, (hidden.dtype, blocks, tuple(constexprs.items())), compile_variant)
@@ -428,7 +422,17 @@ def linear_logprobs_forward(
     n_blocks = triton.cdiv(n_tokens, plan.blocks.block_n)
     _partial_kernel[(n_blocks * plan.splits,)](
         *_arguments(
-            plan, hidden, weight, bias, targets, partials, temperature, softcap, plan.splits, plan.tiles_per_split
+            plan.blocks,
+            plan.tma,
+            hidden,
+            weight,
+            bias,
+            targets,
+            partials,
+            temperature,
+            softcap,
+            plan.splits,
+            plan.tiles_per_split,
         ),
         **plan.constexprs,
         **_launch_options(plan.blocks),
