@@ -25,7 +25,7 @@ Backends:
   bottom-right when queries are fewer than keys, which is the rule above. Attention soft-capping is flash-attn's own
   ``softcap``.
 * ``"flex"`` (CUDA by default; CPU when asked, with a C++ compiler): one compiled ``flex_attention`` call per layer
-  over the packed row, with a block mask built once per pass from the layout (:meth:`PackedLayout.flex_block_mask`).
+  over the packed row, with a block mask built once per pass from the layout (:func:`sarkern.flex.layout_block_mask`).
   Each query row sees at most two key intervals (its prefix's rows, then its own segment's rows up to itself, both
   narrowed by the window), so the mask is a per-row interval test and its block structure is counted exactly from
   the intervals in ``O(T + (T / block)^2)``. The prefix's keys and values are read in place, once per query block
@@ -45,16 +45,25 @@ toolchain and a compilation per new kernel, while the SDPA path is exact, bounde
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import flex
+from .layout import (
+    ATTENTION_BACKENDS,
+    DEFAULT_MAX_MASK_ELEMENTS,
+    LAYOUT_KWARG,
+    AttentionBackend,
+    AttentionSegment,
+    PackedLayout,
+)
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "DEFAULT_MAX_MASK_ELEMENTS",
+    "AttentionBackend",
     "ATTENTION_NAME",
     "LAYOUT_KWARG",
     "AttentionBackendError",
@@ -67,16 +76,11 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "sarkern_shared_prefix"
-LAYOUT_KWARG = "sarkern_layout"
 
-AttentionBackend = Literal["auto", "flash", "flex", "sdpa"]
-ATTENTION_BACKENDS = ("auto", "flash", "flex", "sdpa")
 
 # Devices whose fused SDPA kernel takes a boolean mask together with grouped (fewer) K/V heads.
 _NATIVE_GQA_DEVICES = ("cpu",)
 
-# Default bound on one boolean mask block of the SDPA path (rows x keys): 16 Mi elements = 16 MiB.
-DEFAULT_MAX_MASK_ELEMENTS = 1 << 24
 
 
 class AttentionBackendError(RuntimeError):
@@ -87,83 +91,6 @@ class AttentionBackendError(RuntimeError):
 class LayoutMissingError(RuntimeError):
     """The shared-prefix attention was called without the packed layout (outside the scorer, or by a model whose
     attention layers do not pass the backbone's keyword arguments on)."""
-
-
-@dataclass(frozen=True)
-class AttentionSegment:
-    """Queries = packed rows ``[query_start, query_start + query_len)``; keys = packed rows
-    ``[prefix_start, prefix_start + prefix_len)`` followed by the query rows themselves."""
-
-    query_start: int
-    query_len: int
-    prefix_start: int = 0
-    prefix_len: int = 0
-
-
-@dataclass
-class PackedLayout:
-    """How the rows of one packed forward attend to each other.
-
-    ``segments`` must tile the packed rows ``[0, total_len)`` in order with their query blocks (segments with no
-    queries are allowed and skipped). Device-side metadata for the flash backend and the flex backend's block masks
-    (one per sliding window) are built lazily, once per layout (the scorer makes one layout per pass), and cached.
-    """
-
-    segments: tuple[AttentionSegment, ...]
-    total_len: int
-    backend: AttentionBackend = "auto"
-    max_mask_elements: int = DEFAULT_MAX_MASK_ELEMENTS
-    _flash_meta: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]] = field(
-        default_factory=dict, repr=False
-    )
-    _flex_masks: dict[tuple[torch.device, int | None], Any] = field(default_factory=dict, repr=False)
-    # How many attention layers ran on this layout (the scorer's verification checks that the model's attention
-    # dispatches here at all).
-    calls: int = field(default=0, repr=False)
-
-    def __post_init__(self) -> None:
-        row = 0
-        for seg in self.segments:
-            if seg.query_start != row or seg.query_len < 0 or seg.prefix_len < 0:
-                raise ValueError(f"segments must tile the packed rows in order; bad segment {seg} at row {row}")
-            if seg.prefix_len and seg.prefix_start + seg.prefix_len > seg.query_start:
-                raise ValueError(f"the prefix of {seg} must come before its queries")
-            row += seg.query_len
-        if row != self.total_len:
-            raise ValueError(f"segments cover {row} rows, the packed sequence has {self.total_len}")
-        if self.backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {self.backend!r}; use one of {', '.join(ATTENTION_BACKENDS)}")
-
-    def flash_metadata(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-        """(key_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for ``flash_attn_varlen_func``."""
-        if device not in self._flash_meta:
-            key_index, cu_q, cu_k = [], [0], [0]
-            max_q = max_k = 0
-            for seg in self.segments:
-                if seg.query_len == 0:
-                    continue
-                key_index.append(torch.arange(seg.prefix_start, seg.prefix_start + seg.prefix_len))
-                key_index.append(torch.arange(seg.query_start, seg.query_start + seg.query_len))
-                cu_q.append(cu_q[-1] + seg.query_len)
-                cu_k.append(cu_k[-1] + seg.prefix_len + seg.query_len)
-                max_q = max(max_q, seg.query_len)
-                max_k = max(max_k, seg.prefix_len + seg.query_len)
-            self._flash_meta[device] = (
-                torch.cat(key_index).to(device),
-                torch.tensor(cu_q, dtype=torch.int32, device=device),
-                torch.tensor(cu_k, dtype=torch.int32, device=device),
-                max_q,
-                max_k,
-            )
-        return self._flash_meta[device]
-
-    def flex_block_mask(self, device: torch.device, sliding_window: int | None) -> Any:
-        """The FlexAttention ``BlockMask`` of this layout (padded to :func:`sarkern.flex.bucket_length`) for layers
-        with this sliding window (None: full attention)."""
-        key = (device, sliding_window)
-        if key not in self._flex_masks:
-            self._flex_masks[key] = flex.build_block_mask(self.segments, self.total_len, sliding_window, device)
-        return self._flex_masks[key]
 
 
 def flash_attn_available() -> bool:
@@ -357,7 +284,7 @@ def shared_prefix_attention(
     backend = _choose_backend(layout, query)
     layout.calls += 1
     if backend == "flex":
-        block_mask = layout.flex_block_mask(query.device, sliding_window)
+        block_mask = flex.layout_block_mask(layout, query.device, sliding_window)
         try:
             return flex.flex_forward(block_mask, query, key, value, scaling, softcap), None
         except RuntimeError as err:  # compilation failed or too many compiled variants

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-    from .attention import AttentionSegment
+    from .layout import AttentionSegment, PackedLayout
 
 # FlexAttention's own default tile (and the granularity of the shape buckets).
 BLOCK_SIZE = 128
@@ -231,3 +231,12 @@ def flex_forward(
             "use attention_backend='sdpa' (or 'flash' on CUDA with flash-attn)"
         ) from err
     return out[:, :, :total_len].transpose(1, 2)
+
+
+def layout_block_mask(layout: PackedLayout, device: torch.device, window: int | None) -> BlockMask:
+    """The block mask of ``layout`` for layers with this sliding window (None: full attention), built once per
+    layout, device and window and cached on the layout."""
+    key = ("flex", device, window)
+    if key not in layout.backend_cache:
+        layout.backend_cache[key] = build_block_mask(layout.segments, layout.total_len, window, device)
+    return layout.backend_cache[key]

@@ -17,8 +17,10 @@ __all__ = [
     "LogitTransform",
     "UnsupportedModelError",
     "check_config_traps",
+    "config_value",
     "logit_transform",
     "rope_regime",
+    "rope_regime_lengths",
     "text_config",
 ]
 
@@ -59,15 +61,24 @@ class LogitTransform:
         return options
 
 
+def config_value(config: Any, name: str, default: Any = None) -> Any:
+    """``config.name``, or ``default`` when the config has no single value for it: absent, or a per-layer attribute
+    (Gemma 4's configs raise on a global read of a field that differs between layers)."""
+    try:
+        return getattr(config, name, default)
+    except Exception:  # noqa: BLE001 - transformers' per-layer configs raise their own error types
+        return default
+
+
 def _field(config: Any, name: str) -> Any:
-    value = getattr(config, name, None)
+    value = config_value(config, name)
     return None if value is None or isinstance(value, bool) else value
 
 
 def logit_transform(config: Any) -> LogitTransform:
     """The transformation the model applies to its LM head's output, from its config (see :data:`_LOGIT_SCALES`)."""
     multiplier = 1.0
-    known = _LOGIT_SCALES.get(getattr(config, "model_type", None))
+    known = _LOGIT_SCALES.get(config_value(config, "model_type"))
     if known is not None and _field(config, known[0]) is not None:
         value = float(_field(config, known[0]))
         multiplier = 1.0 / value if known[1] else value
@@ -81,10 +92,10 @@ def check_config_traps(model: nn.Module) -> None:
     name = type(model).__name__
     if config is None:
         raise UnsupportedModelError(f"{name} has no Hugging Face config; SARScorer needs a transformers causal LM")
-    if getattr(config, "is_encoder_decoder", False):
+    if config_value(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name} is an encoder-decoder model (config.is_encoder_decoder=True)")
     config = text_config(config)
-    model_type = getattr(config, "model_type", None)
+    model_type = config_value(config, "model_type")
     for field in _LOGIT_SCALE_FIELDS:
         value = _field(config, field)
         if value is None or value == 1:
@@ -100,8 +111,12 @@ def check_config_traps(model: nn.Module) -> None:
     softcap = _field(config, "final_logit_softcapping")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise UnsupportedModelError(f"{name}: config.final_logit_softcapping={softcap!r} must be a positive number")
-    if getattr(config, "is_causal", True) is False:
+    if config_value(config, "is_causal", True) is False:
         raise UnsupportedModelError(f"{name} is configured as non-causal (config.is_causal=False)")
+    if config_value(config, "use_bidirectional_attention", False) is True:
+        raise UnsupportedModelError(
+            f"{name} attends bidirectionally (config.use_bidirectional_attention=True): it is not a causal LM"
+        )
 
 
 def text_config(config: Any) -> Any:
@@ -114,7 +129,7 @@ def _rope_parameter_sets(config: Any) -> list[Mapping[str, Any]]:
     """Every RoPE parameter dict of the config (``rope_parameters`` may be nested per layer type)."""
     found = []
     for attr in ("rope_parameters", "rope_scaling"):
-        stack = [getattr(config, attr, None)]
+        stack = [config_value(config, attr)]
         while stack:
             item = stack.pop()
             if isinstance(item, Mapping):
@@ -139,14 +154,14 @@ def rope_regime(config: Any) -> Callable[[int], Hashable] | None:
         rope_type = params.get("rope_type", params.get("type"))
         if rope_type == "longrope":
             original = params.get("original_max_position_embeddings")
-            original = original or getattr(config, "original_max_position_embeddings", None)
+            original = original or config_value(config, "original_max_position_embeddings")
             if not isinstance(original, int):
                 raise UnsupportedModelError(
                     "longrope RoPE without an integer original_max_position_embeddings in config.rope_parameters"
                 )
             thresholds.append(("longrope", original))
         elif "dynamic" in rope_type:
-            limit = getattr(config, "max_position_embeddings", None)
+            limit = config_value(config, "max_position_embeddings")
             if not isinstance(limit, int):
                 raise UnsupportedModelError(f"RoPE type {rope_type!r} without config.max_position_embeddings")
             thresholds.append(("dynamic", limit))
@@ -163,3 +178,21 @@ def rope_regime(config: Any) -> Callable[[int], Hashable] | None:
         return tuple(key)
 
     return regime
+
+
+def rope_regime_lengths(config: Any) -> list[int]:
+    """A sequence length in each RoPE regime past the first (:func:`rope_regime`): what a probe of the packed path
+    must also hold so that every regime the passes mix is exercised."""
+    lengths = []
+    for params in _rope_parameter_sets(config):
+        rope_type = params.get("rope_type", params.get("type"))
+        if rope_type == "longrope":
+            original = params.get("original_max_position_embeddings")
+            original = original or config_value(config, "original_max_position_embeddings")
+            if isinstance(original, int):
+                lengths.append(original + 1)
+        elif "dynamic" in rope_type:
+            limit = config_value(config, "max_position_embeddings")
+            if isinstance(limit, int):
+                lengths.append(limit)
+    return sorted(set(lengths))

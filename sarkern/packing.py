@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import AttentionBackend, AttentionSegment, PackedLayout
+from .layout import AttentionBackend, AttentionSegment, PackedLayout
 
 __all__ = ["PackedPass", "Pair", "build_pass", "plan_passes"]
 

@@ -12,40 +12,45 @@ once with the placeholder) and materialises full ``[B, S, V]`` logits. :class:`S
   pass, without ever allocating ``[tokens, vocabulary]`` logits.
 
 The results equal those of naive per-sample forwards (``model(prompt + completion).logits`` then ``log_softmax``) up
-to floating-point reassociation. Which models: not an allow-list; the first scoring of a model runs a short probe
-that proves this equality on the model itself (:mod:`sarkern.verification`), and whatever the scorer cannot reproduce
-exactly it refuses with the cause named (:class:`UnsupportedModelError`) rather than scoring it wrong. Input handling
-lives in :mod:`sarkern.score_inputs`, the packed layout and the planning of passes in :mod:`sarkern.packing`, what
-is read from the config (traps, logit scaling, soft-caps, length-dependent RoPE) in :mod:`sarkern.model_support`.
+to floating-point reassociation, by one of two paths:
+
+* the **packed path** above, for models on which it is proven (:mod:`sarkern.verification`: structural checks, then a
+  probe at the packing the scorer will really use, with a tolerance calibrated on the model itself);
+* the **universal path** (:mod:`sarkern.universal`) for every other causal LM: right-padded, length-bucketed batches
+  through the model's own forward (its attention, masks, recurrent state), then the same fused op.
+
+``scoring_path="auto"`` chooses per model, ``"packed"`` insists on the fast path (refusing, with the cause, a model
+where it is not proven), ``"universal"`` always runs the model's own forward. :attr:`SARScorer.scoring_path` and
+:attr:`SARScorer.scoring_path_reason` tell which path ran and why; so does :attr:`SARScores.scoring_path`. A model
+neither path can score (its logits are not its LM head's output under a transform the scorer knows) raises
+:class:`UnsupportedModelError` naming the cause. Input handling lives in :mod:`sarkern.score_inputs`, the packed
+layout in :mod:`sarkern.packing`, the model's modules (resolved at every call) in :mod:`sarkern.scoring_model`, what
+is read from the config in :mod:`sarkern.model_support`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .attention import ATTENTION_BACKENDS, LAYOUT_KWARG, AttentionBackend, register_attention
-from .model_support import (
-    LogitTransform,
-    UnsupportedModelError,
-    check_config_traps,
-    logit_transform,
-    rope_regime,
-    text_config,
-)
-from .ops import check_temperature, linear_token_logprobs, sequence_perplexity
-from .packing import PackedPass, Pair, build_pass, plan_passes
+from . import verification
+from .attention import ATTENTION_BACKENDS, AttentionBackend, register_attention
+from .model_support import UnsupportedModelError, check_config_traps
+from .ops import check_temperature
+from .packing import Pair, build_pass, plan_passes
 from .placeholder import PlaceholderPrompts, is_conversation, validate_placeholder_preset, validate_token_ids
 from .sar import sar_reward_from_nll, validate_sar_options
 from .score_inputs import BatchIds, IdsLike, as_sequences, cond_nll_from_logprobs, placeholder_rows
+from .scoring_model import ScoringModel
 from .sharding import check_whole_parameters, gathered_call
-from .verification import verify_scorer
+from .structure import packed_path_obstacle
+from .universal import build_batch, plan_batches
 
 __all__ = [
     "SARScorer",
@@ -55,6 +60,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_TOKENS_PER_PASS = 32768
+
+ScoringPath = Literal["auto", "packed", "universal"]
+SCORING_PATHS = ("auto", "packed", "universal")
 
 
 @dataclass
@@ -67,6 +75,8 @@ class SARScores:
         ppl_uncond: fp32 ``ppl(a)``, after the placeholder prompt (NaN when ``use_comparison=False``: not computed).
         num_tokens: fp32 number of completion tokens (EOS included) the perplexities average over.
         valid: bool, False for rows that could not be scored (empty completions); their other fields are NaN/0.
+        scoring_path: ``"packed"`` or ``"universal"``: the path that computed them (``None`` when no forward ran,
+            e.g. every completion empty, or the conditioned half given and no unconditioned half asked).
     """
 
     reward: torch.Tensor
@@ -74,6 +84,7 @@ class SARScores:
     ppl_uncond: torch.Tensor
     num_tokens: torch.Tensor
     valid: torch.Tensor
+    scoring_path: str | None = None
 
     def __len__(self) -> int:
         return self.reward.shape[0]
@@ -83,10 +94,9 @@ class SARScorer:
     """Scores completions with the Self-Aligned Reward using the model's current weights.
 
     Args:
-        model: a Hugging Face causal LM (a PEFT model wrapping one too) whose packed forward reproduces per-sample
-            forwards: checked on the model itself by a short probe the first time it scores
-            (:mod:`sarkern.verification`), not by its name. It stays where and how it is (device, dtype, training
-            mode and attention implementation are restored after each call).
+        model: a Hugging Face causal LM (a PEFT model wrapping one too). Its modules (backbone, LM head, adapters)
+            are looked up at every call, so wrapping or resizing it later is followed. It stays where and how it is
+            (device, dtype, training mode and attention implementation are restored after each call).
         tokenizer: builds the placeholder prompt (:func:`sarkern.placeholder.build_placeholder_ids`); may be ``None``
             when ``placeholder_ids`` is given.
         placeholder_ids: explicit token ids of the placeholder prompt (overrides the tokenizer).
@@ -112,10 +122,20 @@ class SARScorer:
         lm_head_fp32: under autocast, still project onto the vocabulary in fp32 (TRL's ``cast_lm_head_to_fp32``).
             Otherwise, under an enabled autocast, the LM head's inputs are cast to the autocast dtype, as an
             autocast ``nn.Linear`` (and TRL's fused LM head) does.
+        scoring_path: ``"auto"`` (default): the packed path where it is proven on the model, the universal path
+            otherwise; ``"packed"``: the packed path or :class:`UnsupportedModelError` naming why it is not proven;
+            ``"universal"``: the model's own forward in right-padded batches (no probe of the packed path).
+
+    Attributes:
+        scoring_path, scoring_path_reason: the path the last scoring took (``"packed"``/``"universal"``; ``None``
+            until decided, which happens at construction when a structural check settles it, else at the first
+            :meth:`score`) and why, in one line.
 
     Raises:
-        UnsupportedModelError: for a model it cannot score exactly, naming the reason: at construction for known
-            config traps (naming the field), at the first :meth:`score` when the probe shows a difference.
+        UnsupportedModelError: for a model neither path can score exactly, naming the reason: at construction for
+            known config traps (naming the field) and, with ``scoring_path="packed"``, structural obstacles; at the
+            first :meth:`score` when its logits are not what the scorer computes from its LM head, or (``"packed"``)
+            when the probe does not prove the packed path.
     """
 
     def __init__(
@@ -137,8 +157,11 @@ class SARScorer:
         autocast_dtype: torch.dtype | None = None,
         forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
         lm_head_fp32: bool = False,
+        scoring_path: ScoringPath = "auto",
     ) -> None:
         check_config_traps(model)
+        if scoring_path not in SCORING_PATHS:
+            raise ValueError(f"scoring_path must be one of {', '.join(SCORING_PATHS)}, got {scoring_path!r}")
         validate_placeholder_preset(placeholder)
         if placeholder_ids is not None and placeholder != "template":
             raise ValueError(f"pass either placeholder_ids or placeholder={placeholder!r}, not both")
@@ -177,16 +200,20 @@ class SARScorer:
         self.forward_context = forward_context
         self.lm_head_fp32 = bool(lm_head_fp32)
 
-        self.backbone = self._find_backbone(model)
-        head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}'s output embeddings are {type(head).__name__}, not an nn.Linear LM head"
-            )
-        self.lm_head: nn.Linear = head
-        embeddings = model.get_input_embeddings()
-        self.vocab_size = min(int(embeddings.num_embeddings), int(head.out_features))  # a ZeRO-3 weight has shape (0,)
+        self.requested_path = scoring_path
         self._attention_name = register_attention()
+        view = self.resolve()  # checks now that a backbone and an LM head are there
+        self.scoring_path: str | None = None
+        self.scoring_path_reason: str | None = None
+        if scoring_path == "universal":
+            self._set_path("universal", "scoring_path='universal' was asked for")
+        else:
+            obstacle = packed_path_obstacle(model, view.configs())
+            if obstacle is not None and scoring_path == "packed":
+                raise UnsupportedModelError(f"the packed path cannot score {view.name}: {obstacle}")
+            if obstacle is not None:
+                self._set_path("universal", f"{view.name}: {obstacle}")
+        self.vocab_size = view.vocab_size
 
         # The placeholder of each prompt (PlaceholderPrompts.for_prompts); `placeholder_ids` is the default one.
         self.placeholder_prompts: PlaceholderPrompts | None = None
@@ -208,134 +235,65 @@ class SARScorer:
 
     # ------------------------------------------------------------------------------------------------ model plumbing
 
-    @staticmethod
-    def _find_backbone(model: nn.Module) -> nn.Module:
-        backbone = None
-        get_decoder = getattr(model, "get_decoder", None)
-        if callable(get_decoder):
-            backbone = get_decoder()
-        if backbone is None or backbone is model:
-            backbone = getattr(model, "model", None)
-        if not isinstance(backbone, nn.Module):
-            raise UnsupportedModelError(f"cannot find the decoder backbone of {type(model).__name__}")
-        return backbone
+    def resolve(self) -> ScoringModel:
+        """The model's modules as they are now, with this scorer's precision options (made at every call)."""
+        return ScoringModel(
+            self.model,
+            attention_name=self._attention_name,
+            attention_backend=self.attention_backend,
+            forward_context=self.forward_context,
+            autocast_dtype=self.autocast_dtype,
+            lm_head_fp32=self.lm_head_fp32,
+        )
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.resolve().backbone
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.resolve().head
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def text_config(self) -> Any:
-        return text_config(self.model.config)
-
-    # What the scorer reads from the config is read on every use, so that it follows config changes (which also
-    # make the verification probe run again).
-
-    @property
-    def max_positions(self) -> int | None:
-        return getattr(self.text_config, "max_position_embeddings", None)
-
-    @property
-    def logit_transform(self) -> LogitTransform:
-        """Logit scaling and final soft-capping, folded into the fused op's temperature and soft-cap."""
-        return logit_transform(self.text_config)
-
-    @property
-    def rope_regime(self) -> Callable[[int], Hashable] | None:
-        """For RoPE that depends on the sequence length, each pass holds sequences of one regime."""
-        return rope_regime(self.text_config)
-
-    @property
-    def feed_last(self) -> bool:
-        """Feed each completion's last token when RoPE depends on length, so that a pass's largest position is its
-        longest sequence's, as in a per-sample forward."""
-        return self.rope_regime is not None
-
-    def configs(self) -> list[Any]:
-        """The distinct configs of the model and its backbone (their attention implementation is switched)."""
-        configs = []
-        for module in (self.model, self.backbone):
-            config = getattr(module, "config", None)
-            if config is not None and all(config is not c for c in configs):
-                configs.append(config)
-        return configs
+        return self.resolve().device
 
     @contextmanager
-    def scoring_mode(self, shared_prefix: bool = True) -> Iterator[None]:
-        """No gradients, dropout off, the caller's precision (autocast) and context, and (``shared_prefix``) the
-        shared-prefix attention on; everything restored afterwards."""
-        training = [(module, module.training) for module in self.model.modules()]
-        attn = [(config, config._attn_implementation) for config in self.configs()]
-        try:
-            self.model.eval()
-            if shared_prefix:
-                for config, _ in attn:
-                    config._attn_implementation = self._attention_name
-            with torch.no_grad(), ExitStack() as stack:
-                if self.forward_context is not None:
-                    stack.enter_context(self.forward_context())
-                if self.autocast_dtype is not None:
-                    stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
-                yield
-        finally:
-            for config, implementation in attn:
-                config._attn_implementation = implementation
-            for module, was_training in training:
-                module.training = was_training
+    def scoring_mode(self, shared_prefix: bool = False) -> Iterator[None]:
+        """The context the scorer's forwards run in (see :meth:`ScoringModel.scoring_mode`)."""
+        with self.resolve().scoring_mode(shared_prefix):
+            yield
 
-    # ---------------------------------------------------------------------------------------------- the LM head
+    def verify(self, rows: int | None = None) -> str:
+        """Decide the scoring path now rather than at the first :meth:`score`: check the head and (unless
+        ``scoring_path="universal"``) probe the packed path for passes of up to ``rows`` rows (default
+        ``max_tokens_per_pass``, the longest pass the scorer builds). Returns the path; raises as :meth:`score`."""
+        rows = self.max_tokens_per_pass if rows is None else rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be a positive int, got {rows!r}")
+        view = self.resolve()
+        verdict = verification.verdict_for(view)
+        verification.check_head(view, verdict)
+        if self.requested_path == "universal":
+            return "universal"
+        verification.prove_packed(view, verdict, min(rows, self.max_tokens_per_pass), self.max_tokens_per_pass,
+                                  self.placeholder_ids)  # fmt: skip
+        return self._record_verdict(view, verdict)
 
-    def _head_operands(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``hidden``, the head's weight and bias in the precision the policy's own LM head multiplies in: under
-        autocast the autocast dtype (unless the head is kept in fp32), so that ppl(a|q), ppl(a) and the trainer's
-        own log-probs all come from one precision."""
-        weight, bias = self.lm_head.weight, self.lm_head.bias
-        device_type = self.device.type
-        if torch.is_autocast_enabled(device_type) and not self.lm_head_fp32:
-            dtype = torch.get_autocast_dtype(device_type)
-        elif self.lm_head_fp32:
-            dtype = torch.float32
-        else:
-            return hidden, weight, bias
-        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    def _record_verdict(self, view: ScoringModel, verdict: verification.Verdict) -> str:
+        reason = verdict.packed_reason()
+        if reason is None:
+            self._set_path(
+                "packed", f"{view.name}: the packed path is proven on the model for rows up to {verdict.proven_rows}"
+            )
+            return "packed"
+        if self.requested_path == "packed":
+            raise UnsupportedModelError(f"the packed path is not proven: {reason}")
+        self._set_path("universal", reason)
+        return "universal"
 
-    def head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Per-token log-probs of ``targets`` from hidden states ``[n, D]``, with the model's logit transform."""
-        hidden, weight, bias = self._head_operands(hidden)
-        # The ids were checked against the vocabulary on input: no device-to-host sync for the op's own check.
-        options = self.logit_transform.op_options(temperature)
-        return linear_token_logprobs(hidden, weight, targets, bias=bias, check_inputs=False, **options)
-
-    def _pass_hidden(self, pack: PackedPass) -> torch.Tensor:
-        """One packed backbone forward; the hidden state of every row that predicts a target."""
-        device = self.device
-        outputs = self.backbone(
-            input_ids=pack.input_ids.to(device),
-            position_ids=pack.position_ids.to(device),
-            use_cache=False,
-            **{LAYOUT_KWARG: pack.layout},
-        )
-        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
-        return hidden[0].index_select(0, pack.predict_rows.to(device))
-
-    def pass_logprobs(self, pack: PackedPass, temperature: float) -> torch.Tensor:
-        """Per-token log-probs of every target of one pass (the verification probe's view of a pass)."""
-        return self.head_logprobs(self._pass_hidden(pack), pack.targets.to(self.device), temperature)
-
-    def _pass_perplexity(self, pack: PackedPass) -> torch.Tensor:
-        """Perplexity of each pair of one pass: one packed backbone forward, one ``sequence_perplexity`` call."""
-        hidden, weight, bias = self._head_operands(self._pass_hidden(pack))
-        device = self.device
-        return sequence_perplexity(
-            hidden,
-            weight,
-            pack.targets.to(device),
-            pack.segment_ids.to(device),
-            pack.num_pairs,
-            bias=bias,
-            check_inputs=False,  # ids checked on input, segment ids built here
-            **self.logit_transform.op_options(self.temperature),
-        )
+    def _set_path(self, path: str, reason: str) -> None:
+        self.scoring_path, self.scoring_path_reason = path, reason
 
     # ---------------------------------------------------------------------------------------------------- scoring
 
@@ -373,7 +331,8 @@ class SARScorer:
                 or (with ``empty_completions="raise"``) an empty completion.
         """
         check_whole_parameters(self.model)  # never a sharded LM head read as whole (sarkern.sharding)
-        vocab = self.vocab_size
+        view = self.resolve()  # the modules as they are now (a PEFT wrap or a resize since the last call)
+        vocab = self.vocab_size = view.vocab_size
         prompts = as_sequences(prompt_ids, prompt_mask, "prompt_ids", allow_empty=False, vocab_size=vocab)
         completions = as_sequences(
             completion_ids, completion_mask, "completion_ids", allow_empty=True, vocab_size=vocab
@@ -388,18 +347,19 @@ class SARScorer:
         valid = lengths > 0
         if self.empty_completions == "raise" and not bool(valid.all()):
             raise ValueError(f"completion_ids[{int((~valid).nonzero()[0])}] is empty; there is nothing to score")
-        self._check_lengths(prompts, completions, "prompt")
+        self._check_lengths(view, prompts, completions, "prompt")
         if use_comparison:
-            self._check_lengths(placeholders, completions, "placeholder prompt")
+            self._check_lengths(view, placeholders, completions, "placeholder prompt")
 
         nan = torch.full((batch,), math.nan, dtype=torch.float32)
         cond_given = cond_logprobs is not None
         if cond_given:  # checked before any forward runs
             nll_cond = cond_nll_from_logprobs(cond_logprobs, completions, completion_mask)
         ppl_cond = ppl_uncond = nan
+        path = None
         if not cond_given or use_comparison:  # a forward is needed for at least one half
-            ppl_c, ppl_u = self._perplexities(
-                None if cond_given else prompts, placeholders if use_comparison else None, completions, valid
+            ppl_c, ppl_u, path = self._perplexities(
+                view, None if cond_given else prompts, placeholders if use_comparison else None, completions, valid
             )
             ppl_cond = nan if ppl_c is None else ppl_c
             ppl_uncond = nan if ppl_u is None else ppl_u
@@ -408,34 +368,40 @@ class SARScorer:
         reward = sar_reward_from_nll(
             torch.log(ppl_cond), torch.log(ppl_uncond) if use_comparison else None, **self.sar_options
         ).float()
-        device = self.device
+        device = view.device
         return SARScores(
             reward=reward.to(device),
             ppl_cond=ppl_cond.to(device),
             ppl_uncond=ppl_uncond.to(device),
             num_tokens=lengths.float().to(device),
             valid=valid.to(device),
+            scoring_path=path,
         )
 
-    def _check_lengths(self, prefixes: list[torch.Tensor], completions: list[torch.Tensor], what: str) -> None:
-        if self.max_positions is None:
+    @staticmethod
+    def _check_lengths(
+        view: ScoringModel, prefixes: list[torch.Tensor], completions: list[torch.Tensor], what: str
+    ) -> None:
+        limit = view.max_positions
+        if limit is None:
             return
         for i, (prefix, completion) in enumerate(zip(prefixes, completions)):
             total = len(prefix) + len(completion)
-            if total > self.max_positions:
+            if total > limit:
                 raise ValueError(
                     f"{what} {i} + completion {i} is {total} tokens, more than the model's "
-                    f"max_position_embeddings ({self.max_positions})"
+                    f"max_position_embeddings ({limit})"
                 )
 
     def _perplexities(
         self,
+        view: ScoringModel,
         prompts: list[torch.Tensor] | None,
         placeholders: list[torch.Tensor] | None,
         completions: list[torch.Tensor],
         valid: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Conditioned and/or unconditioned perplexities of every non-empty completion, in packed passes."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+        """Conditioned and/or unconditioned perplexities of every non-empty completion, and the path that ran."""
         prefixes: list[torch.Tensor] = []
         prefix_index: dict[tuple[int, ...], int] = {}
         pairs: list[Pair] = []
@@ -450,29 +416,64 @@ class SARScorer:
                     prefixes.append(prefix)
                 pairs.append(Pair(prefix_index[key], i))
 
+        # The head check runs the model's root forward (collectives under FSDP2 / ZeRO-3): every process runs it
+        # at its first call, whatever its batch, empty included.
+        verdict = verification.verdict_for(view)
+        verification.check_head(view, verdict)
         ppl = torch.full((len(pairs),), math.nan, dtype=torch.float32)
         if not pairs:
-            return self._split_halves(ppl, prompts, placeholders, valid)
-        verify_scorer(self)  # the probe, once per model and config
+            c, u = self._split_halves(ppl, prompts, placeholders, valid)
+            return c, u, None
+        plan = None
+        if self.requested_path != "universal":
+            plan = self._packed_plan(view, verdict, pairs, prefixes, completions)
+        if plan is not None:
+            with view.scoring_mode(shared_prefix=True):
+                for members in plan:
+                    pack = build_pass(
+                        [pairs[j] for j in members], prefixes, completions, view.attention_backend,
+                        feed_last=view.feed_last,
+                    )  # fmt: skip
+                    hidden = view.packed_hidden(pack)
+                    ppl[members] = (
+                        view.perplexities(hidden, pack.targets, pack.segment_ids, pack.num_pairs, self.temperature)
+                        .float()
+                        .cpu()
+                    )
+            path = "packed"
+        else:
+            batches = plan_batches(
+                pairs, prefixes, completions, self.max_tokens_per_pass, regime=view.rope_regime,
+                feed_last=view.feed_last,
+            )  # fmt: skip
+            with view.scoring_mode(shared_prefix=False):
+                for members in batches:
+                    batch = build_batch([pairs[j] for j in members], prefixes, completions, feed_last=view.feed_last)
+                    hidden = view.padded_hidden(batch.input_ids, batch.attention_mask, batch.predict_rows)
+                    ppl[members] = (
+                        view.perplexities(hidden, batch.targets, batch.segment_ids, batch.num_pairs, self.temperature)
+                        .float()
+                        .cpu()
+                    )
+            path = "universal"
+        c, u = self._split_halves(ppl, prompts, placeholders, valid)
+        return c, u, path
+
+    def _packed_plan(self, view, verdict, pairs, prefixes, completions) -> list[list[int]] | None:
+        """The packed passes when the packed path is proven for rows as long as theirs (probing it now if needed);
+        None for the universal path. Records the choice and its reason."""
         plan = plan_passes(
-            pairs,
-            prefixes,
-            completions,
-            self.max_tokens_per_pass,
-            regime=self.rope_regime,
-            feed_last=self.feed_last,
+            pairs, prefixes, completions, self.max_tokens_per_pass, regime=view.rope_regime, feed_last=view.feed_last
         )
-        with self.scoring_mode():
-            for members in plan:
-                pack = build_pass(
-                    [pairs[j] for j in members],
-                    prefixes,
-                    completions,
-                    self.attention_backend,
-                    feed_last=self.feed_last,
-                )
-                ppl[members] = self._pass_perplexity(pack).float().cpu()
-        return self._split_halves(ppl, prompts, placeholders, valid)
+        longest = max(self._pass_rows(members, pairs, prefixes, completions, view.feed_last) for members in plan)
+        verification.prove_packed(view, verdict, longest, self.max_tokens_per_pass, self.placeholder_ids)
+        return plan if self._record_verdict(view, verdict) == "packed" else None
+
+    @staticmethod
+    def _pass_rows(members, pairs, prefixes, completions, feed_last: bool) -> int:
+        used = {pairs[j].prefix for j in members}
+        own = sum(len(completions[pairs[j].completion]) - (0 if feed_last else 1) for j in members)
+        return own + sum(len(prefixes[p]) for p in used)
 
     @staticmethod
     def _split_halves(

@@ -1,143 +1,83 @@
-"""Proof, on the model itself, that the scorer's packed shared-prefix forward equals per-sample forwards.
+"""What the scorer has proven about a model: that its LM head is what the scorer computes, and whether (and up to
+which row length) its packed shared-prefix forward equals per-sample forwards.
 
-Instead of an allow-list of architectures, :func:`verify_scorer` runs a short probe the first time a scorer scores
-(and again whenever the model's config, dtype, device or the scorer's precision settings change): two prefixes with
-two completions each, one of the prefixes and one completion longer than the model's smallest sliding window when it
-has one. It compares the per-token log-probs of the scorer's packed path (backbone with the shared-prefix attention,
-LM head, logit scaling and soft-capping folded into the fused op) with those of plain per-sample forwards
-``model(prefix + completion).logits``, in the model's own precision, within a bound derived from that precision
-(:func:`probe_tolerance`). A model that does not match is refused with the cause named:
+Two checks, each run on the model itself and remembered per model object (weakly) and per fingerprint of what they
+depend on (configs, module structure, dtype, device, the scorer's precision options):
 
-* its attention never reached the shared-prefix attention (it does not dispatch through transformers'
-  ``AttentionInterface``),
-* its logits are not what the scorer computes from the backbone's last hidden state (an unknown logit transform),
-* or the packed forward itself differs (attention, positions, or state that crosses sequences).
-
-Results are cached per model object (weakly) and per fingerprint of what the probe depends on.
+* **The head** (:func:`check_head`, every scorer's first call, on every process alike, even one with nothing to
+  score, since it runs the model's root forward): the log-probs the scorer computes from the backbone's last hidden
+  state (LM head, logit scaling and soft-cap from the config) must match the model's own logits within the rounding
+  of one head product. A model that transforms its logits otherwise cannot be scored by either path:
+  :class:`UnsupportedModelError`.
+* **The packed path** (:func:`prove_packed`): structural checks first (:mod:`sarkern.structure`), then a probe at the
+  packing the scorer will really use: several groups in one pass, siblings that both feed rows, the placeholder
+  prefix, sequences past the smallest sliding window and in every RoPE regime the passes mix, all of it placed at the
+  end of a row as long as the longest pass the scorer is about to build (within ``max_tokens_per_pass``), so that
+  code reading the row index shows. The probe compares per-token log-probs of the packed path with per-sample
+  forwards of the same sequences; its tolerance is calibrated on the model: the spread between the per-sample
+  forwards and the universal path's batched forwards (two computations that must agree) times
+  :data:`SPREAD_FACTOR`, and never below the precision's floor (:data:`FLOORS`). Whatever it does not prove is
+  scored on the universal path; the reason is kept.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import weakref
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .attention import AttentionBackendError, LayoutMissingError
-from .model_support import UnsupportedModelError, check_config_traps
+from .attention import AttentionBackendError
+from .model_support import UnsupportedModelError, config_value, rope_regime_lengths
 from .packing import Pair, build_pass, plan_passes
+from .scoring_model import ScoringModel
+from .structure import packed_path_obstacle
+from .universal import build_batch, plan_batches
 
-if TYPE_CHECKING:
-    from .scorer import SARScorer
+__all__ = ["FLOORS", "SPREAD_FACTOR", "Verdict", "check_head", "prove_packed", "verdict_for"]
 
-__all__ = ["probe_tolerance", "verify_scorer"]
+# How far the packed path may be from per-sample forwards, in multiples of the spread of two correct computations.
+SPREAD_FACTOR = 4.0
+# The smallest tolerance per compute precision, in nats per token: far above the rounding of a correct packed
+# forward (fp32: 1e-6 to 6e-5 measured at real widths; bf16: 0.01 to 0.18), far below what a layout error moves.
+FLOORS = {torch.float64: 2.0**-30, torch.float32: 2.0**-10, torch.float16: 2.0**-6, torch.bfloat16: 2.0**-4}
+_TF32_FLOOR = 2.0**-6  # fp32 matmuls with TF32 operands round them to fp16's mantissa
 
-# model -> {fingerprint: None (verified) or the reason it was refused}
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[str, str | None]] = weakref.WeakKeyDictionary()
-
-# Completion tokens compared per probe sequence (its last ones).
-COMPARED_TOKENS = 16
-
-# Unit roundoff of the formats a forward may store its activations in.
-_UNIT_ROUNDOFF = {
-    torch.float64: 2.0**-53,
-    torch.float32: 2.0**-24,
-    torch.bfloat16: 2.0**-8,
-    torch.float16: 2.0**-11,
-}
+# Unit roundoff of the formats a forward may store its activations in (the head check's bound).
+_UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def _fingerprint(scorer: SARScorer) -> str:
-    configs = [json.dumps(c.to_dict(), sort_keys=True, default=str) for c in scorer.configs()]
-    weight = scorer.lm_head.weight
-    return json.dumps(
-        [
-            configs,
-            [c._attn_implementation for c in scorer.configs()],
-            scorer.attention_backend,
-            str(weight.dtype),
-            str(weight.device),
-            str(scorer.autocast_dtype),
-            scorer.forward_context is not None,
-            scorer.lm_head_fp32,
-        ]
-    )
+@dataclass
+class Verdict:
+    """What is known about one model under one fingerprint."""
+
+    structural: str | None  # why the packed path is ruled out without a probe
+    head_refusal: str | None = None  # why no path can score it (set by the head check)
+    head_checked: bool = False
+    packed_failure: str | None = None  # why the probe did not prove the packed path
+    proven_rows: int = 0  # the longest packed row the probe proved
+
+    def packed_reason(self) -> str | None:
+        """Why the packed path cannot be used (None: usable up to :attr:`proven_rows`)."""
+        return self.structural if self.structural is not None else self.packed_failure
 
 
-def verify_scorer(scorer: SARScorer) -> None:
-    """Run the probe once per model and fingerprint; raise :class:`UnsupportedModelError` naming the cause when the
-    packed forward does not reproduce per-sample forwards."""
-    check_config_traps(scorer.model)  # cheap, and the config may have changed since the scorer was built
-    key = _fingerprint(scorer)
-    results = _VERIFIED.setdefault(scorer.model, {})
+_VERDICTS: weakref.WeakKeyDictionary[nn.Module, dict[str, Verdict]] = weakref.WeakKeyDictionary()
+
+
+def verdict_for(model: ScoringModel) -> Verdict:
+    results = _VERDICTS.setdefault(model.model, {})
+    key = model.fingerprint()
     if key not in results:
-        results[key] = _probe(scorer)
-    if results[key] is not None:
-        raise UnsupportedModelError(results[key])
+        obstacle = packed_path_obstacle(model.model, model.configs())
+        results[key] = Verdict(structural=None if obstacle is None else f"{model.name}: {obstacle}")
+    return results[key]
 
 
-def _smallest_window(scorer: SARScorer) -> int | None:
-    windows = []
-    for config in scorer.configs():
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        window = getattr(config, "sliding_window", None)
-        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
-            windows.append(window)
-    return min(windows, default=None)
-
-
-def _probe_sequences(scorer: SARScorer) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Pair]]:
-    """Two prefixes, two completions each (one of a single token); with a sliding window ``w``, the second prefix
-    is longer than ``w`` and its long completion runs ``w + 2`` tokens past it, so the window cuts into both."""
-    window = _smallest_window(scorer)
-    if window is not None and scorer.max_positions is not None and window + 3 > scorer.max_positions:
-        window = None  # a window as long as the positions never cuts anything
-    prefix_lengths = [3, 4 if window is None else window + 1]
-    completion_lengths = [5, 1, 1, 3 if window is None else window + 2]
-    if scorer.max_positions is not None:  # shrink to the model's positions (tiny models)
-        room = scorer.max_positions - prefix_lengths[1]
-        completion_lengths[3] = max(1, min(completion_lengths[3], room))
-    generator = torch.Generator().manual_seed(0)
-    draw = lambda n: torch.randint(0, scorer.vocab_size, (n,), generator=generator)  # noqa: E731
-    prefixes = [draw(n) for n in prefix_lengths]
-    completions = [draw(n) for n in completion_lengths]
-    pairs = [Pair(0, 0), Pair(0, 1), Pair(1, 2), Pair(1, 3)]
-    return prefixes, completions, pairs
-
-
-def probe_tolerance(scorer: SARScorer, compute_dtype: torch.dtype, logit_scale: float, max_len: int) -> float:
-    """How far two forwards that compute the same function may put a token's log-prob apart, to first order.
-
-    The forward is a chain of ``3 L + 1`` stages (per layer attention, MLP and norm, then the LM head). Each stage
-    sums at most ``n`` products (``n``: the widest ``nn.Linear`` input, the head size, the sequence length), in fp32
-    (fp64 for a float64 model), off by at most ``n u_acc`` of the stage's scale (Higham, section 3.1), and stores its
-    output in the compute dtype, off by ``u_store`` more (0 for fp32: its sums are the rounding already; TF32 matmuls
-    round their operands to 2^-11). Measured
-    against the logits' scale the errors add along the residual stream; a log-prob ``z_t - logsumexp(z)`` moves by
-    at most twice the largest logit error, and the two forwards compared each carry such an error (factor 2 again).
-    """
-    config = scorer.text_config
-    layers = getattr(config, "num_hidden_layers", None)
-    if not isinstance(layers, int):  # the longest stack of blocks in the backbone
-        layers = max((len(m) for m in scorer.backbone.modules() if isinstance(m, nn.ModuleList)), default=1)
-    widest = max_len
-    for module in scorer.model.modules():
-        if isinstance(module, nn.Linear):
-            widest = max(widest, module.in_features)
-    for name in ("hidden_size", "intermediate_size", "moe_intermediate_size", "head_dim"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            widest = max(widest, value)
-    u_acc = _UNIT_ROUNDOFF[torch.float64] if compute_dtype == torch.float64 else _UNIT_ROUNDOFF[torch.float32]
-    u_store = 0.0 if compute_dtype in (torch.float32, torch.float64) else _UNIT_ROUNDOFF.get(compute_dtype, 2.0**-8)
-    if compute_dtype == torch.float32 and scorer.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        u_store = 2.0**-11  # TF32 matmuls round their fp32 operands to 10 mantissa bits
-    stages = 3 * layers + 1
-    return 4 * stages * (widest * u_acc + u_store) * max(1.0, logit_scale)
+# ------------------------------------------------------------------------------------------------------ precision
 
 
 def _precision(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -145,63 +85,224 @@ def _precision(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
 
 
-def _reference(scorer: SARScorer, sequences: list[torch.Tensor], compared: list[int]):
-    """Log-probs of the last ``compared[i]`` tokens of each sequence from plain per-sample forwards, and the largest
-    |logit| seen."""
-    logprobs, scale = [], 0.0
-    keeps_logits = "logits_to_keep" in inspect.signature(scorer.model.forward).parameters
-    for ids, n in zip(sequences, compared):
-        kwargs = {"logits_to_keep": n + 1} if keeps_logits else {}  # no full-vocabulary rows we do not compare
-        out = scorer.model(input_ids=ids.unsqueeze(0).to(scorer.device), use_cache=False, **kwargs)
-        logits = out.logits[0, -(n + 1) : -1].float()  # the rows that predict the compared tokens
-        scale = max(scale, float(logits.abs().max()))
-        rows = torch.log_softmax(logits, dim=-1)
-        logprobs.append(rows.gather(-1, ids[len(ids) - n :].unsqueeze(-1).to(rows.device)).squeeze(-1).cpu())
-    return logprobs, scale
+def _coarsest(dtypes: list[torch.dtype]) -> torch.dtype:
+    return max(dtypes, key=lambda dtype: _UNIT_ROUNDOFF.get(dtype, 2.0**-8))
 
 
-def _head_only(scorer: SARScorer, sequences: list[torch.Tensor], compared: list[int]) -> list[torch.Tensor]:
-    """Log-probs the scorer's head computes from the backbone's own per-sample forwards (last ``compared[i]``)."""
-    out = []
-    for ids, n in zip(sequences, compared):
-        outputs = scorer.backbone(input_ids=ids.unsqueeze(0).to(scorer.device), use_cache=False)
-        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
-        rows = hidden[0, len(ids) - n - 1 : len(ids) - 1]
-        out.append(scorer.head_logprobs(rows, ids[len(ids) - n :].to(scorer.device), temperature=1.0).cpu())
-    return out
+def _tf32(model: ScoringModel, dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and model.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
-def _worst(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[float, int, int]:
-    worst = (0.0, 0, 0)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        diff = (a.double() - e.double()).abs()
-        diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
-        j = int(diff.argmax())
-        if float(diff[j]) > worst[0]:
-            worst = (float(diff[j]), i, j)
+def floor_for(model: ScoringModel, dtype: torch.dtype) -> float:
+    return _TF32_FLOOR if _tf32(model, dtype) else FLOORS.get(dtype, FLOORS[torch.bfloat16])
+
+
+def _random_ids(generator: torch.Generator, vocab: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (length,), generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------------ the head
+
+
+def check_head(model: ScoringModel, verdict: Verdict) -> None:
+    """Once per fingerprint: the scorer's head computation against the model's own logits; raise the refusal."""
+    if not verdict.head_checked:
+        verdict.head_refusal = _head_refusal(model)
+        verdict.head_checked = True
+    if verdict.head_refusal is not None:
+        raise UnsupportedModelError(verdict.head_refusal)
+
+
+def _head_refusal(model: ScoringModel) -> str | None:
+    generator = torch.Generator().manual_seed(0)
+    limit = model.max_positions or 1 << 30
+    sequences = [_random_ids(generator, model.vocab_size, min(n, limit)) for n in (6, 11)]
+    keeps_logits = "logits_to_keep" in inspect.signature(model.model.forward).parameters
+    seen: list[tuple[torch.dtype, float]] = []
+
+    def seen_by_the_head(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        # The model's own forward may run in another precision than the scoring context says (accelerate's mixed
+        # precision wraps `model.forward` in autocast): the head's input tells which; its raw output is the scale
+        # rounding errors are relative to, before a soft-cap shrinks the logits.
+        seen.append((_precision(out.device.type, args[0].dtype), float(out.detach().float().abs().max())))
+
+    worst, scale, width = 0.0, 0.0, 1
+    hook = model.head.register_forward_hook(seen_by_the_head)
+    try:
+        with model.scoring_mode(shared_prefix=False):
+            for ids in sequences:
+                n = len(ids) - 1
+                kwargs = {"logits_to_keep": n + 1} if keeps_logits else {}
+                logits = model.model(input_ids=ids.unsqueeze(0).to(model.device), use_cache=False, **kwargs).logits
+                logits = logits[0, -(n + 1) : -1].float()
+                expected = torch.log_softmax(logits, -1).gather(-1, ids[1:, None].to(logits.device)).squeeze(1)
+                hidden = model.per_sample_hidden(ids)[:n]
+                width = max(width, hidden.shape[-1])
+                actual = model.token_logprobs(hidden, ids[1:], temperature=1.0)
+                diff = (actual.double() - expected.double().to(actual.device)).abs()
+                worst = max(worst, math.inf if bool(torch.isnan(diff).any()) else float(diff.max()))
+                scale = max(scale, float(logits.abs().max()))
+    finally:
+        hook.remove()
+    dtypes = [model.head_weight.dtype] + [dtype for dtype, _ in seen]
+    scale = max([scale] + [abs(model.logit_transform.multiplier) * s for _, s in seen])
+    dtype = _coarsest(dtypes)
+    u_acc = _UNIT_ROUNDOFF[torch.float64] if dtype == torch.float64 else _UNIT_ROUNDOFF[torch.float32]
+    u_store = 0.0 if dtype in (torch.float32, torch.float64) else _UNIT_ROUNDOFF.get(dtype, 2.0**-8)
+    if _tf32(model, dtype):
+        u_store = 2.0**-11
+    # One product of `width` terms and one rounding of the logits, on either side of the comparison.
+    tolerance = 4 * (width * u_acc + u_store) * max(1.0, scale)
+    if worst <= tolerance:
+        return None
+    transform = model.logit_transform
+    return (
+        f"{model.name}'s logits are not what SARScorer computes from its backbone's last hidden state (LM head, then "
+        f"logit multiplier {transform.multiplier:g} and final soft-cap {transform.softcap} read from the config): "
+        f"log-probs differ by {worst:.3g} (tolerance {tolerance:.3g}); the model transforms its logits in a way the "
+        "scorer does not know"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the packed path
+
+
+@dataclass
+class _Probe:
+    prefixes: list[torch.Tensor]
+    completions: list[torch.Tensor]
+    pairs: list[Pair]
+    compared: list[int]  # indices into pairs whose tokens are compared (the rest fill the row)
+
+
+def _smallest_window(model: ScoringModel) -> int | None:
+    windows = []
+    for config in model.configs():
+        window = config_value(
+            config.get_text_config() if hasattr(config, "get_text_config") else config, "sliding_window"
+        )
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            windows.append(window)
+    return min(windows, default=None)
+
+
+def _probe_layout(model: ScoringModel, rows: int, budget: int, placeholder: list[int] | None) -> _Probe:
+    """The sequences of the probe (see the module's docstring), filler first so the compared ones end the row."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.vocab_size
+    longest = min(budget, model.max_positions or budget)  # no probe sequence exceeds a pass or the positions
+    draw = lambda n: _random_ids(generator, vocab, n)  # noqa: E731
+    prefixes: list[torch.Tensor] = []
+    completions: list[torch.Tensor] = []
+    groups: list[tuple[int, list[int]]] = []  # prefix length, completion lengths
+
+    window = _smallest_window(model)
+    prefix_a, lengths_a = 4, [6, 7, 1]
+    if window is not None and window + 3 <= longest:  # the window cuts into the prefix and into a completion
+        prefix_a, lengths_a = window + 1, [6, min(window + 2, longest - window - 1), 1]
+    groups.append((prefix_a, lengths_a))
+    placeholder_prefix = torch.tensor(placeholder[: max(1, longest - 5)] if placeholder else draw(5).tolist())
+    groups.append((len(placeholder_prefix), [5, 4]))
+    for length in rope_regime_lengths(model.text_config):  # a sequence in every regime the passes may hold
+        if length <= longest:
+            groups.append((3, [length - 3]))
+
+    pairs: list[Pair] = []
+    compared: list[int] = []
+    content = 0
+    for g, (prefix_len, lengths) in enumerate(groups):
+        prefix = placeholder_prefix if g == 1 else draw(max(1, min(prefix_len, longest - 1)))
+        prefixes.append(prefix)
+        content += len(prefix)
+        for n in lengths:
+            n = max(1, min(n, longest - len(prefix)))
+            completions.append(draw(n))
+            compared.append(len(pairs))
+            pairs.append(Pair(len(prefixes) - 1, len(completions) - 1))
+            content += n if model.feed_last else n - 1
+    # Filler before the compared sequences: prefixes with one-token completions (their rows count, their tokens
+    # are not compared), so that the compared sequences sit at the end of a row of `rows` rows.
+    fill = min(rows, budget) - content
+    filler_pairs: list[Pair] = []
+    while fill > 1:
+        length = min(fill - (1 if model.feed_last else 0), longest - 1)
+        if length < 1:
+            break
+        prefixes.append(draw(length))
+        completions.append(draw(1))
+        filler_pairs.append(Pair(len(prefixes) - 1, len(completions) - 1))
+        fill -= length + (1 if model.feed_last else 0)
+    offset = len(filler_pairs)
+    return _Probe(prefixes, completions, filler_pairs + pairs, [offset + j for j in compared])
+
+
+def _packed_logprobs(model: ScoringModel, probe: _Probe, budget: int) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """The packed path's per-token log-probs of each compared pair, and the attention calls of each pass."""
+    out: dict[int, torch.Tensor] = {}
+    calls: list[int] = []
+    wanted = set(probe.compared)
+    plan = plan_passes(
+        probe.pairs, probe.prefixes, probe.completions, budget, regime=model.rope_regime, feed_last=model.feed_last
+    )
+    with model.scoring_mode(shared_prefix=True):
+        for members in plan:
+            pack = build_pass(
+                [probe.pairs[j] for j in members],
+                probe.prefixes,
+                probe.completions,
+                model.attention_backend,
+                feed_last=model.feed_last,
+            )
+            per_token = model.token_logprobs(model.packed_hidden(pack), pack.targets, temperature=1.0).cpu()
+            calls.append(pack.layout.calls)
+            for s, j in enumerate(members):
+                if j in wanted:
+                    out[j] = per_token[pack.segment_ids == s]
+    return out, calls
+
+
+def _reference_and_universal(model: ScoringModel, probe: _Probe, budget: int):
+    """Per-sample forwards of each compared pair, and the same pairs through the universal path's batches."""
+    reference: dict[int, torch.Tensor] = {}
+    universal: dict[int, torch.Tensor] = {}
+    dtypes = [model.head_weight.dtype]
+    pairs = [probe.pairs[j] for j in probe.compared]
+    with model.scoring_mode(shared_prefix=False):
+        if torch.is_autocast_enabled(model.device.type):
+            dtypes.append(torch.get_autocast_dtype(model.device.type))
+        for j, pair in zip(probe.compared, pairs):
+            prefix, completion = probe.prefixes[pair.prefix], probe.completions[pair.completion]
+            hidden = model.per_sample_hidden(torch.cat([prefix, completion]))
+            dtypes.append(hidden.dtype)
+            rows = hidden[len(prefix) - 1 : len(prefix) - 1 + len(completion)]
+            reference[j] = model.token_logprobs(rows, completion, temperature=1.0).cpu()
+        plan = plan_batches(
+            pairs, probe.prefixes, probe.completions, budget, regime=model.rope_regime, feed_last=model.feed_last
+        )
+        for members in plan:
+            batch = build_batch(
+                [pairs[k] for k in members], probe.prefixes, probe.completions, feed_last=model.feed_last
+            )
+            hidden = model.padded_hidden(batch.input_ids, batch.attention_mask, batch.predict_rows)
+            per_token = model.token_logprobs(hidden, batch.targets, temperature=1.0).cpu()
+            for s, k in enumerate(members):
+                universal[probe.compared[k]] = per_token[batch.segment_ids == s]
+    return reference, universal, _coarsest(dtypes)
+
+
+def _worst(actual: dict[int, torch.Tensor], expected: dict[int, torch.Tensor]) -> tuple[float, int]:
+    worst = (0.0, -1)
+    for j, e in expected.items():
+        diff = (actual[j].double() - e.double()).abs()
+        value = math.inf if bool(torch.isnan(diff).any()) else float(diff.max())
+        if value > worst[0]:
+            worst = (value, j)
     return worst
 
 
-def _packed(scorer: SARScorer, prefixes, completions, pairs, compared) -> tuple[list[torch.Tensor], list[int]]:
-    """The scorer's log-probs of the compared tokens of each pair (the scorer's passes, without a token budget),
-    and how many times the shared-prefix attention ran in each pass."""
-    packed: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
-    calls: list[int] = []
-    with scorer.scoring_mode(shared_prefix=True):
-        plan = plan_passes(pairs, prefixes, completions, 1 << 62, regime=scorer.rope_regime, feed_last=scorer.feed_last)
-        for members in plan:
-            pack = build_pass(
-                [pairs[j] for j in members], prefixes, completions, scorer.attention_backend, feed_last=scorer.feed_last
-            )
-            per_token = scorer.pass_logprobs(pack, temperature=1.0).cpu()
-            calls.append(pack.layout.calls)
-            for s, j in enumerate(members):
-                packed[j] = per_token[pack.segment_ids == s][-compared[j] :]
-    return packed, calls
-
-
 def _failure(name: str, err: Exception) -> str:
-    """Why a model whose packed forward raised cannot be scored."""
+    from .attention import LayoutMissingError
+
     if isinstance(err, LayoutMissingError):
         return (
             f"{name}'s attention layers do not pass the backbone's keyword arguments on to the attention function, "
@@ -210,80 +311,45 @@ def _failure(name: str, err: Exception) -> str:
     if isinstance(err, NotImplementedError):  # the shared-prefix attention's own refusals (sinks, non-causal)
         return f"{name} needs what sarkern's shared-prefix attention does not reproduce: {err}"
     first_line = str(err).splitlines()[0] if str(err) else ""
-    return (
-        f"{name}'s forward fails under sarkern's shared-prefix attention ({type(err).__name__}: {first_line}); "
-        "its attention does not run through transformers' AttentionInterface the way the packed forward needs"
-    )
+    return f"{name}'s forward fails under sarkern's shared-prefix attention ({type(err).__name__}: {first_line})"
 
 
-def _probe(scorer: SARScorer) -> str | None:
-    """None when the packed forward reproduces per-sample forwards on the probe; else the reason."""
-    name = type(scorer.model).__name__
-    prefixes, completions, pairs = _probe_sequences(scorer)
-    sequences = [torch.cat([prefixes[p.prefix], completions[p.completion]]) for p in pairs]
-    lengths = [len(completions[p.completion]) for p in pairs]
-    # The last tokens of each completion (those past the window in the long one); fewer full-vocabulary logit rows.
-    compared = [min(n, COMPARED_TOKENS) for n in lengths]
-    precisions = [_precision(scorer.device.type, scorer.lm_head.weight.dtype)]  # the scorer's own
-    head_scales = [0.0]
-
-    def seen_by_the_head(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        # The model's own forward may run in another precision than the scoring context says (accelerate's mixed
-        # precision wraps `model.forward` in autocast): the LM head's input tells which. Its raw output is the scale
-        # rounding errors are relative to, before a soft-cap shrinks the logits.
-        precisions.append(_precision(out.device.type, args[0].dtype))
-        head_scales.append(float(out.detach().abs().max()))
-
-    hook = scorer.lm_head.register_forward_hook(seen_by_the_head)
+def prove_packed(model: ScoringModel, verdict: Verdict, rows: int, budget: int, placeholder: list[int] | None) -> None:
+    """Probe the packed path at rows of ``rows`` (within ``budget``) unless already proven that far; record the
+    outcome in ``verdict``."""
+    # A power of two (few re-probes as batches grow) within the budget: a longer pass holds one sequence alone.
+    rows = min(budget, 1 << max(6, (rows - 1).bit_length()))
+    if verdict.packed_reason() is not None or rows <= verdict.proven_rows:
+        return
+    probe = _probe_layout(model, rows, budget, placeholder)
+    reference, universal, dtype = _reference_and_universal(model, probe, budget)
     try:
-        with scorer.scoring_mode(shared_prefix=False):
-            reference, scale = _reference(scorer, sequences, compared)
-            precisions.append(_precision(scorer.device.type, scorer.lm_head.weight.dtype))
-    finally:
-        hook.remove()
-    scale = max(scale, abs(scorer.logit_transform.multiplier) * max(head_scales))
-    compute_dtype = max(precisions, key=lambda dtype: _UNIT_ROUNDOFF.get(dtype, 2.0**-8))  # the coarsest
-
-    try:
-        packed, calls = _packed(scorer, prefixes, completions, pairs, compared)
+        packed, calls = _packed_logprobs(model, probe, budget)
     except (AttentionBackendError, torch.OutOfMemoryError):
         raise  # the environment, not the model: nothing to remember about the model
     except Exception as err:  # noqa: BLE001 - whatever the model's own code does with the packed forward
-        return _failure(name, err)
-    if not any(calls):
-        return (
+        verdict.packed_failure = _failure(model.name, err)
+        return
+    name = model.name
+    if not all(calls):
+        verdict.packed_failure = (
             f"{name}'s attention layers never called sarkern's shared-prefix attention: they do not dispatch through "
-            "transformers' AttentionInterface on config._attn_implementation, so the packed forward would let "
-            "sequences attend to each other"
+            "transformers' AttentionInterface on config._attn_implementation"
         )
-    tol = probe_tolerance(scorer, compute_dtype, scale, max(map(len, sequences)))
-    error, i, j = _worst(packed, reference)
-    if error <= tol:
-        return None
-
-    # Which part differs: the logits (the model's own transformation of its LM head's output), or the packing.
-    with scorer.scoring_mode(shared_prefix=False):
-        head_error, _, _ = _worst(_head_only(scorer, sequences, compared), reference)
-    transform = scorer.logit_transform
-    if head_error > tol:
-        return (
-            f"{name}'s logits are not what SARScorer computes from its backbone's last hidden state (LM head, then "
-            f"logit multiplier {transform.multiplier:g} and final soft-cap {transform.softcap} read from the "
-            f"config): log-probs differ by {head_error:.3g} (tolerance {tol:.3g}); the model transforms its logits "
-            "in a way the scorer does not know"
-        )
-    layers = getattr(scorer.text_config, "num_hidden_layers", None)
-    hint = ""
-    if isinstance(layers, int) and min(calls) < layers:
-        hint = (
-            "; some layers do not attend through it: layers that do not attend (recurrent or state-space mixers) "
-            "carry state from one packed sequence into the next"
-        )
-    token = lengths[i] - compared[i] + j
-    where = f"probe sequence {i} (prefix {len(sequences[i]) - lengths[i]} + completion {lengths[i]} tokens)"
-    return (
-        f"{name}'s packed shared-prefix forward differs from per-sample forwards by {error:.3g} in a token's log-prob "
-        f"(tolerance {tol:.3g}, {where}, token {token}); the shared-prefix attention ran {min(calls)} times for "
-        f"{layers} layers (attention backend {scorer.attention_backend!r}){hint}. Something in the model (its "
-        "attention, its positions, or state shared across the packed row) does not follow the layout"
+        return
+    spread, _ = _worst(universal, reference)
+    floor = floor_for(model, dtype)
+    tolerance = max(SPREAD_FACTOR * spread, floor)
+    error, j = _worst(packed, reference)
+    if error <= tolerance:
+        verdict.proven_rows = max(verdict.proven_rows, rows)
+        return
+    pair = probe.pairs[j]
+    prefix_len, completion_len = len(probe.prefixes[pair.prefix]), len(probe.completions[pair.completion])
+    verdict.packed_failure = (
+        f"{name}'s packed shared-prefix forward differs from per-sample forwards by {error:.3g} in a token's "
+        f"log-prob (tolerance {tolerance:.3g}: {SPREAD_FACTOR:g} x the spread {spread:.3g} of two correct "
+        f"computations, at least {floor:.3g} in {str(dtype).removeprefix('torch.')}; probe sequence of prefix "
+        f"{prefix_len} + completion {completion_len} tokens in a {rows}-row pass; the shared-prefix attention ran "
+        f"{min(calls)} times per pass)"
     )

@@ -8,6 +8,8 @@ with dynamic NTK RoPE and Granite.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from scorer_models import (
@@ -25,7 +27,6 @@ from sarkern.attention import ATTENTION_NAME, shared_prefix_attention
 from sarkern.model_support import UnsupportedModelError
 from sarkern.sar import sar_reward
 from sarkern.scorer import SARScorer
-from sarkern.verification import verify_scorer
 
 OTHER_FAMILIES = [name for name in FAMILIES if name not in ARCHITECTURES]
 
@@ -81,7 +82,7 @@ def test_longrope_passes_hold_one_regime():
     completions = [random_ids(g, n) for n in (3, 4, 5, 10)]
     prompts = [prompt] * len(completions)
     scorer = SARScorer(model, use_comparison=False, use_denominator=False, max_tokens_per_pass=24)
-    verify_scorer(scorer)  # the first-use probe, before counting
+    scorer.verify()  # the first-use probe, before counting
     fed = []
     hook = model.get_decoder().register_forward_hook(
         lambda m, args, kwargs, out: fed.append(kwargs["position_ids"].max().item() + 1), with_kwargs=True
@@ -109,7 +110,7 @@ def test_split_passes_stay_within_the_budget():
         lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER, max_tokens_per_pass=30)
-    verify_scorer(scorer)
+    scorer.verify()
     rows.clear()
     try:
         scorer.score(prompts, completions)
@@ -119,11 +120,11 @@ def test_split_passes_stay_within_the_budget():
 
 
 def test_logit_scaling_and_soft_caps_are_read_from_the_config():
-    granite = SARScorer(tiny_family_model("granite"), placeholder_ids=PLACEHOLDER, temperature=0.5)
+    granite = SARScorer(tiny_family_model("granite"), placeholder_ids=PLACEHOLDER, temperature=0.5).resolve()
     assert granite.logit_transform.op_options(0.5) == {"temperature": 2.0}  # logits / 4 / 0.5
-    hyperclovax = SARScorer(tiny_family_model("hyperclovax"), placeholder_ids=PLACEHOLDER)
+    hyperclovax = SARScorer(tiny_family_model("hyperclovax"), placeholder_ids=PLACEHOLDER).resolve()
     assert hyperclovax.logit_transform.op_options(1.5) == {"temperature": 0.5}  # the same field name, multiplied
-    gemma2 = SARScorer(tiny_family_model("gemma2"), placeholder_ids=PLACEHOLDER)
+    gemma2 = SARScorer(tiny_family_model("gemma2"), placeholder_ids=PLACEHOLDER).resolve()
     assert gemma2.logit_transform.op_options(1.0) == {"temperature": 1.0, "softcap": 2.0}
 
 
@@ -133,8 +134,8 @@ def test_logit_scaling_and_soft_caps_are_read_from_the_config():
 def test_probe_runs_once_per_model_and_config(monkeypatch):
     model = tiny_model("llama")
     probes = []
-    real_probe = verification._probe
-    monkeypatch.setattr(verification, "_probe", lambda scorer: probes.append(1) or real_probe(scorer))
+    real_probe = verification._probe_layout
+    monkeypatch.setattr(verification, "_probe_layout", lambda *a: probes.append(1) or real_probe(*a))
     prompts, completions = mixed_batch(seed=24)
     SARScorer(model, placeholder_ids=PLACEHOLDER).score(prompts, completions)
     SARScorer(model, placeholder_ids=PLACEHOLDER, temperature=0.7).score(prompts, completions)
@@ -144,6 +145,20 @@ def test_probe_runs_once_per_model_and_config(monkeypatch):
     assert len(probes) == 2
     SARScorer(tiny_model("llama"), placeholder_ids=PLACEHOLDER).score(prompts, completions)
     assert len(probes) == 3  # another model object
+    longer = [c * 6 for c in completions]  # passes longer than the rows proven so far: probed again, at their length
+    scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
+    scorer.score(prompts, longer)
+    assert len(probes) == 4 and scorer.scoring_path == "packed"
+
+
+def assert_universal_and_exact(scorer, prompts, completions, reason):
+    """The scorer fell back to the universal path for ``reason`` (a regex), and its scores are still exact."""
+    model = scorer.model
+    scores = scorer.score(prompts, completions)
+    assert scores.scoring_path == scorer.scoring_path == "universal", scorer.scoring_path_reason
+    assert re.search(reason, scorer.scoring_path_reason), scorer.scoring_path_reason
+    cond = [naive_perplexity(model, p, c) for p, c in zip(prompts, completions)]
+    assert_ppl_close(scores.ppl_cond, cond, tolerance(model, prompts, completions))
 
 
 def ignore_the_layout(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -154,20 +169,20 @@ def ignore_the_layout(module, query, key, value, attention_mask, scaling=None, *
     return out.transpose(1, 2), None
 
 
-def test_a_model_whose_attention_ignores_the_layout_is_refused(monkeypatch):
+def test_a_model_whose_attention_ignores_the_layout_goes_universal(monkeypatch):
     from transformers import AttentionInterface
 
     model = tiny_model("qwen3")
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
     monkeypatch.setitem(AttentionInterface._global_mapping, ATTENTION_NAME, ignore_the_layout)
     prompts, completions = mixed_batch(seed=25)
-    with pytest.raises(UnsupportedModelError, match="never called sarkern's shared-prefix attention"):
-        scorer.score(prompts, completions)
-    with pytest.raises(UnsupportedModelError, match="never called"):  # the verdict is cached
-        scorer.score(prompts, completions)
+    assert_universal_and_exact(scorer, prompts, completions, "never called sarkern's shared-prefix attention")
+    assert_universal_and_exact(scorer, prompts, completions, "never called")  # the verdict is cached
+    with pytest.raises(UnsupportedModelError, match="the packed path is not proven: .* never called"):
+        SARScorer(model, placeholder_ids=PLACEHOLDER, scoring_path="packed").score(prompts, completions)
 
 
-def test_an_attention_that_drops_the_sliding_window_is_refused(monkeypatch):
+def test_an_attention_that_drops_the_sliding_window_goes_universal(monkeypatch):
     """The shared-prefix attention runs, but the layers do not pass their window: the numbers differ."""
     from transformers import AttentionInterface
 
@@ -177,14 +192,12 @@ def test_an_attention_that_drops_the_sliding_window_is_refused(monkeypatch):
     model = tiny_model("mistral")
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
     monkeypatch.setitem(AttentionInterface._global_mapping, ATTENTION_NAME, without_window)
-    message = r"packed shared-prefix forward differs .* ran 2 times for 2 layers"
-    with pytest.raises(UnsupportedModelError, match=message):
-        scorer.score(*mixed_batch(seed=26))
+    assert_universal_and_exact(scorer, *mixed_batch(seed=26), r"packed shared-prefix forward differs .* ran 2 times")
 
 
-def test_a_hybrid_state_space_model_is_refused():
+def test_a_hybrid_state_space_model_without_layer_types_is_caught_by_the_probe(monkeypatch):
     """Mamba layers carry a recurrent state along the row: in a packed row it would run from one sequence into the
-    next. The probe sees the difference (and that only one of the two layers used the shared-prefix attention)."""
+    next. With the structural checks blinded (no layer types, not stateful), the probe still sees the difference."""
     import transformers as tf
     from scorer_models import _COMMON, _IDS
 
@@ -200,23 +213,29 @@ def test_a_hybrid_state_space_model_is_refused():
     )
     torch.manual_seed(0)
     model = tf.GraniteMoeHybridForCausalLM(config).eval()
-    message = r"packed shared-prefix forward differs .* ran 1 times for 2 layers .* layers that do not attend"
-    with pytest.raises(UnsupportedModelError, match=message):
-        SARScorer(model, placeholder_ids=PLACEHOLDER).score(*mixed_batch(seed=31))
+    structural = SARScorer(model, placeholder_ids=PLACEHOLDER)
+    # Decided at construction, from the layer types.
+    assert structural.scoring_path == "universal" and "linear_attention" in structural.scoring_path_reason
+    monkeypatch.setattr(verification, "packed_path_obstacle", lambda *a: None)
+    monkeypatch.setattr("sarkern.scorer.packed_path_obstacle", lambda *a: None)
+    model.config.rms_norm_eps = 1.5e-6  # a new fingerprint: the verdict is made again, without the checks
+    scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
+    assert scorer.scoring_path is None
+    assert_universal_and_exact(scorer, *mixed_batch(seed=31), r"packed shared-prefix forward differs .* ran 1 times")
 
 
 @pytest.mark.parametrize(
-    "family, config_fields, message",
+    "family, config_fields, reason",
     [
-        # Attention sinks (`s_aux`): the shared-prefix attention refuses them by name.
-        ("GptOss", {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8}, r"does not reproduce: .*s_aux"),
+        # Attention sinks: found by the structural checks, at construction.
+        ("GptOss", {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8}, r"attention sinks"),
         # Attention layers that drop the backbone's keyword arguments: the layout never arrives.
         ("StableLm", {}, r"do not pass the backbone's keyword arguments on to the attention function"),
         # Falcon's own attention code for any implementation it does not know: fails without a mask.
         ("Falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, r"fails under .* \(TypeError"),
     ],
 )
-def test_families_the_scorer_cannot_reproduce_are_refused_with_the_cause(family, config_fields, message):
+def test_families_the_packed_path_cannot_reproduce_go_universal_with_the_cause(family, config_fields, reason):
     import transformers as tf
     from scorer_models import _COMMON, _IDS
 
@@ -224,9 +243,8 @@ def test_families_the_scorer_cannot_reproduce_are_refused_with_the_cause(family,
     torch.manual_seed(0)
     model = getattr(tf, f"{family}ForCausalLM")(config).eval()
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
-    for _ in range(2):  # refused again from the cached verdict
-        with pytest.raises(UnsupportedModelError, match=message):
-            scorer.score(*mixed_batch(seed=32))
+    for _ in range(2):  # the second time from the cached verdict
+        assert_universal_and_exact(scorer, *mixed_batch(seed=32), reason)
 
 
 def test_an_unknown_logit_transform_is_refused():
@@ -262,11 +280,11 @@ def test_known_config_traps_are_refused_up_front_by_field(fields, message):
         SARScorer(model, placeholder_ids=PLACEHOLDER)
 
 
-def test_probe_tolerance_follows_the_precision():
-    scorer = SARScorer(tiny_model("llama"), placeholder_ids=PLACEHOLDER)
-    fp32 = verification.probe_tolerance(scorer, torch.float32, 10.0, 20)
-    bf16 = verification.probe_tolerance(scorer, torch.bfloat16, 10.0, 20)
-    assert 0 < 100 * fp32 < bf16  # 16-bit activations round at every stage
+def test_probe_floor_follows_the_precision():
+    view = SARScorer(tiny_model("llama"), placeholder_ids=PLACEHOLDER).resolve()
+    fp32 = verification.floor_for(view, torch.float32)
+    bf16 = verification.floor_for(view, torch.bfloat16)
+    assert 0 < 32 * fp32 < bf16  # 16-bit activations round at every stage
 
 
 def test_bf16_model_is_verified_in_its_own_precision():

@@ -26,7 +26,6 @@ from sarkern.attention import AttentionSegment, PackedLayout, shared_prefix_atte
 from sarkern.placeholder import build_placeholder_ids
 from sarkern.sar import SELF_CONFIDENCE_OFFSET, sar_reward
 from sarkern.scorer import SARScorer, SelfAlignedReward
-from sarkern.verification import verify_scorer
 
 PLACEHOLDER = [4, 36, 34, 20, 33, 102, 5, 102, 4, 16]  # any ids will do; a chat-template one in other tests
 
@@ -140,7 +139,7 @@ def test_cond_logprobs_skip_the_conditioned_half():
     naive = [naive_token_logprobs(model, p, c).float() for p, c in zip(prompts, completions)]
     fed_tokens = []
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
-    verify_scorer(scorer)  # the first-use probe, before counting
+    scorer.verify()  # the first-use probe, before counting
     hook = model.get_decoder().register_forward_hook(
         lambda m, args, kwargs, out: fed_tokens.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
@@ -194,7 +193,7 @@ def test_self_confidence_variant_runs_no_unconditioned_pass():
     prompts, completions = mixed_batch(seed=6)
     calls = []
     scorer = SARScorer(model, use_comparison=False, use_denominator=False)
-    verify_scorer(scorer)  # the first-use probe, before counting
+    scorer.verify()  # the first-use probe, before counting
     hook = model.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     try:
         scores = scorer.score(prompts, completions)
@@ -243,7 +242,10 @@ def test_state_is_restored_when_scoring_fails(monkeypatch):
     model = tiny_model("llama")
     model.train()
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
-    monkeypatch.setattr(scorer, "_pass_perplexity", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    scorer.verify()  # the probe, before the failure is injected
+    from sarkern.scoring_model import ScoringModel
+
+    monkeypatch.setattr(ScoringModel, "perplexities", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         scorer.score([[1, 2]], [[3, 4]])
     assert model.training and model.config._attn_implementation == "sdpa"
@@ -407,7 +409,7 @@ def test_no_dense_mask_is_built_by_the_model(monkeypatch):
     model = tiny_model("mistral")
     prompts, completions = mixed_batch(seed=9)
     scorer = SARScorer(model, placeholder_ids=PLACEHOLDER)
-    verify_scorer(scorer)  # the probe's per-sample reference forwards build ordinary masks
+    scorer.verify()  # the probe's per-sample reference forwards build ordinary masks
     built.clear()
     scorer.score(prompts, completions)
     assert built == []
