@@ -4,11 +4,17 @@ SAR compares how predictable a completion is after its real prompt and after a p
 "no question" prompt must look like a real one to the model (same chat scaffolding, same generation prompt), or the
 comparison measures the template rather than the question. So it is built from the tokenizer:
 
-* with a chat template: the template applied to the conversation with the user's content emptied, a system message kept
-  when the real prompt has one, and the generation prompt added;
-* without one: the plain-text fallback ``"User: \\nAssistant: "`` (``"System: ...\\n"`` first when there is a system
-  message), tokenized with the tokenizer's usual special tokens;
+* for a conversation, with a chat template: the template applied to the conversation with the user's content emptied,
+  a system message kept when the real prompt has one, and the generation prompt added;
+* for a conversation, without one: the plain-text fallback ``"User: \\nAssistant: "`` (``"System: ...\\n"`` first
+  when there is a system message), tokenized with the tokenizer's usual special tokens;
+* for a plain-text prompt (TRL tokenizes it with ``tokenizer(text)``, no chat template): the same tokenization of an
+  empty text, i.e. the special tokens the tokenizer adds to any text (a BOS); never a chat-templated prefix, which the
+  real prompt does not have (:func:`plain_text_placeholder_ids`);
 * or given explicitly as token ids.
+
+A template that cannot render the placeholder (one that raises on an empty user turn) is refused with
+:class:`PlaceholderError`, naming the placeholder and the ways out.
 
 Two presets choose the conversation the placeholder is built from (``PLACEHOLDER_PRESETS``):
 
@@ -32,9 +38,11 @@ __all__ = [
     "PAPER_SYSTEM_PROMPT",
     "PLACEHOLDER_PRESETS",
     "PLAIN_TEXT_PLACEHOLDER",
+    "PlaceholderError",
     "PlaceholderPrompts",
     "build_placeholder_ids",
     "placeholder_conversation",
+    "plain_text_placeholder_ids",
     "validate_token_ids",
 ]
 
@@ -49,6 +57,13 @@ PAPER_SYSTEM_PROMPT = (
 
 # Roles whose messages stay in the placeholder conversation: they set up the assistant, they do not ask anything.
 _KEPT_ROLES = ("system", "developer")
+
+# How a caller gives the placeholder's token ids itself: SARScorer / SelfAlignedReward, then SARGRPOConfig.
+EXPLICIT_IDS_HINT = "pass the placeholder's token ids explicitly (placeholder_ids=..., or sar_placeholder_ids=...)"
+
+
+class PlaceholderError(ValueError):
+    """The placeholder prompt cannot be built as asked (a template that fails on it, an empty result)."""
 
 
 def placeholder_conversation(conversation: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -120,9 +135,16 @@ def build_placeholder_ids(
 
     if use_chat_template:
         messages = placeholder_conversation(conversation)
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **dict(chat_template_kwargs or {})
-        )
+        kwargs = dict(chat_template_kwargs or {})
+        try:
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
+            )
+        except Exception as err:  # noqa: BLE001 - jinja2's TemplateError (raise_exception), or the template's own bug
+            raise PlaceholderError(
+                f"the chat template of {type(tokenizer).__name__} cannot render SAR's placeholder prompt "
+                f"({_describe(messages)}): {type(err).__name__}: {' '.join(str(err).split())}; {EXPLICIT_IDS_HINT}"
+            ) from err
         if isinstance(ids, Mapping):  # some tokenizers ignore return_dict=False
             ids = ids["input_ids"]
     else:
@@ -131,7 +153,29 @@ def build_placeholder_ids(
         ids = tokenizer(text)["input_ids"]
     ids = _flatten_ids(ids)
     if not ids:
-        raise ValueError("the placeholder prompt is empty; pass placeholder_ids explicitly")
+        raise PlaceholderError(f"the placeholder prompt is empty; {EXPLICIT_IDS_HINT}")
+    return ids
+
+
+def _describe(messages: Sequence[Mapping[str, Any]]) -> str:
+    kept = [m["role"] for m in messages if m["role"] in _KEPT_ROLES]
+    return " + ".join([*(f"the {role} message" for role in kept), "an empty user turn", "the generation prompt"])
+
+
+def plain_text_placeholder_ids(tokenizer: Any) -> list[int]:
+    """The placeholder of a plain-text prompt: the tokenizer's ids for an empty text.
+
+    A plain-text prompt is tokenized as ``tokenizer(prompt)`` (TRL does so), so emptying its question leaves what the
+    tokenizer adds to any text, typically a BOS. A tokenizer that adds nothing (Qwen, GPT-2) leaves no token to predict
+    the completion's first token from: refused, since any text put there instead would be a guess.
+    """
+    ids = _flatten_ids(tokenizer(text="")["input_ids"])
+    if not ids:
+        raise PlaceholderError(
+            f"a plain-text prompt's placeholder is {type(tokenizer).__name__}'s tokenization of an empty text, which "
+            "is empty (it adds no BOS token): there is no token to predict the first completion token from; "
+            f"{EXPLICIT_IDS_HINT}, or use conversational prompts"
+        )
     return ids
 
 
@@ -196,12 +240,13 @@ class PlaceholderPrompts:
     Args:
         tokenizer: the tokenizer (or processor) that renders the real prompts.
         preset: ``"template"`` (each conversational prompt's system/developer messages kept) or ``"paper"`` (the
-            official code's fixed system prompt for every prompt).
+            official code's fixed system prompt for every conversational prompt).
         chat_template_kwargs: the arguments the real prompts are rendered with (e.g. ``{"enable_thinking": False}``).
         placeholder_ids: explicit ids for every prompt; then no preset applies.
 
-    ``default`` is the placeholder of a plain-text prompt (and of every prompt with ``"paper"`` or explicit ids): the
-    chat template with an empty user turn, or the plain-text fallback without a template.
+    ``default`` is the placeholder of a conversation without system messages (with ``"paper"``: of every
+    conversation; with explicit ids: of every prompt): the chat template with an empty user turn, or the plain-text
+    fallback without a template. A plain-text prompt gets :func:`plain_text_placeholder_ids` (built on first use).
     """
 
     def __init__(
@@ -216,27 +261,62 @@ class PlaceholderPrompts:
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.explicit = placeholder_ids is not None
+        self._plain: list[int] | None = None
         if placeholder_ids is not None:
             self.default = [int(i) for i in placeholder_ids]
         elif tokenizer is None:
             raise ValueError("building a placeholder prompt needs a tokenizer or explicit placeholder_ids")
         else:
             system = PAPER_SYSTEM_PROMPT if preset == "paper" else None
-            self.default = build_placeholder_ids(
-                tokenizer, system_message=system, chat_template_kwargs=self.chat_template_kwargs
-            )
+            self.default = self._build([{"role": "system", "content": system}] if system else None)
         self._cache: dict[str, list[int]] = {}
+
+    def _build(self, conversation: Sequence[Mapping[str, Any]] | None) -> list[int]:
+        """build_placeholder_ids, its failure told with the preset and the ways out that work for this tokenizer."""
+        try:
+            return build_placeholder_ids(self.tokenizer, conversation, chat_template_kwargs=self.chat_template_kwargs)
+        except PlaceholderError as err:
+            way_out = EXPLICIT_IDS_HINT
+            if self.preset == "template" and self._paper_preset_renders():
+                way_out = f"use --placeholder paper (placeholder='paper'), which this template renders, or {way_out}"
+            reason = str(err).removesuffix(f"; {EXPLICIT_IDS_HINT}")
+            raise PlaceholderError(f"{reason} [placeholder preset {self.preset!r}]; {way_out}") from err.__cause__
+
+    def _paper_preset_renders(self) -> bool:
+        try:
+            build_placeholder_ids(
+                self.tokenizer, system_message=PAPER_SYSTEM_PROMPT, chat_template_kwargs=self.chat_template_kwargs
+            )
+        except PlaceholderError:
+            return False
+        return True
 
     def for_prompt(self, prompt: Any) -> list[int]:
         """Placeholder ids for one prompt (text or chat messages)."""
-        if self.explicit or self.preset == "paper" or not is_conversation(prompt):
+        if self.explicit:
+            return self.default
+        if isinstance(prompt, str):
+            return self._plain_text()
+        if not is_conversation(prompt):
+            raise TypeError(f"a prompt must be text or a list of chat messages, got {type(prompt).__name__}")
+        if self.preset == "paper":
             return self.default
         key = repr(placeholder_conversation(prompt))  # what the placeholder depends on: kept messages, content form
         if key not in self._cache:
-            self._cache[key] = build_placeholder_ids(
-                self.tokenizer, prompt, chat_template_kwargs=self.chat_template_kwargs
-            )
+            self._cache[key] = self._build(prompt)
         return self._cache[key]
+
+    def _plain_text(self) -> list[int]:
+        if self.preset == "paper":
+            # The paper's placeholder is its system prompt in the chat template; a plain prompt has no template.
+            raise PlaceholderError(
+                "placeholder preset 'paper' renders the paper's system prompt with the chat template, but this "
+                "prompt is plain text (no chat template): use the 'template' preset (a plain-text placeholder) or "
+                f"conversational prompts, or {EXPLICIT_IDS_HINT}"
+            )
+        if self._plain is None:
+            self._plain = plain_text_placeholder_ids(self.tokenizer)
+        return self._plain
 
     def for_prompts(self, prompts: Sequence[Any]) -> list[list[int]]:
         return [self.for_prompt(p) for p in prompts]

@@ -9,26 +9,107 @@ from typing import Any
 
 import torch
 
-__all__ = ["BatchIds", "IdsLike", "as_sequences", "cond_nll_from_logprobs", "placeholder_rows"]
+__all__ = [
+    "BatchIds",
+    "IdsLike",
+    "as_sequences",
+    "checked_mask",
+    "cond_nll_from_logprobs",
+    "placeholder_rows",
+    "undeclared_padding_id",
+]
 
 IdsLike = Sequence[int] | torch.Tensor
 BatchIds = Sequence[IdsLike] | torch.Tensor
 
 
+def undeclared_padding_id(tokenizer: Any) -> int | None:
+    """The tokenizer's pad id when it can only mean padding, else None (no tokenizer, no pad token).
+
+    A pad id that is also the EOS or BOS id (Llama 3 and many fine-tunes set ``pad = eos``) is a real token at the
+    end or start of a sequence too, so it cannot tell padding from text: such inputs are taken as given.
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    also_text = (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None))
+    if not isinstance(pad, int) or pad in also_text:
+        return None
+    return pad
+
+
+def checked_mask(mask: Any, shape: torch.Size, name: str) -> torch.Tensor:
+    """``mask`` as a bool CPU tensor, refused unless it holds only 0/1 (bool, integer or float) and selects one
+    contiguous run of tokens per row (padding at the ends only: a hole would join tokens that were never adjacent)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of 0/1 values, got {type(mask).__name__}")
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, but the ids it masks have {tuple(shape)}")
+    mask = mask.detach().to("cpu")
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.is_complex():
+        raise TypeError(f"{name} must hold 0/1 values, got dtype {mask.dtype}")
+    else:
+        bad = (mask != 0) & (mask != 1)  # NaN included
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{name}[{row}, {col}] is {mask[row, col].item()!r}: a mask holds 0 (padding) or 1 (token), "
+                "as booleans or numbers; weights are not masks"
+            )
+        keep = mask == 1
+    if keep.dim() == 2 and keep.shape[1] > 1:
+        runs = keep[:, :1].long() + (keep[:, 1:] & ~keep[:, :-1]).long().sum(dim=1, keepdim=True)
+        broken = (runs.squeeze(1) > 1).nonzero()
+        if broken.numel():
+            row = int(broken[0])
+            selected = keep[row].nonzero().squeeze(1)
+            hole = int(next(c for c in range(int(selected[0]), int(selected[-1])) if not keep[row, c]))
+            raise ValueError(
+                f"{name} row {row} has a hole at column {hole}: a mask must select one contiguous run of tokens per "
+                "row (padding at the start or end only); score the pieces as separate sequences"
+            )
+    return keep
+
+
+def _refuse_undeclared_padding(ids: torch.Tensor, pad_token_id: int | None, name: str) -> None:
+    """A 2-D tensor without a mask whose rows start or end with the pad id is padded: scoring the pads as tokens
+    would change every perplexity, so the caller must say where the tokens are."""
+    if pad_token_id is None or ids.numel() == 0:
+        return
+    padded = (ids[:, 0] == pad_token_id) | (ids[:, -1] == pad_token_id)
+    if bool(padded.any()):
+        row = int(padded.nonzero()[0])
+        mask_name = name.replace("_ids", "_mask")
+        raise ValueError(
+            f"{name} row {row} starts or ends with the pad token id {pad_token_id}: a padded 2-D tensor needs "
+            f"{mask_name} (1 = token, 0 = padding), or pass the rows as a list of unpadded sequences"
+        )
+
+
 def as_sequences(
-    ids: BatchIds, mask: torch.Tensor | None, name: str, *, allow_empty: bool, vocab_size: int
+    ids: BatchIds,
+    mask: torch.Tensor | None,
+    name: str,
+    *,
+    allow_empty: bool,
+    vocab_size: int,
+    tokenizer: Any = None,
 ) -> list[torch.Tensor]:
-    """A batch of id sequences (list of lists / 1-D tensors, or a 2-D tensor with an optional mask) as a list of
-    1-D int64 CPU tensors, checked against the vocabulary."""
+    """A batch of id sequences (list of lists / 1-D tensors, or a 2-D tensor with an optional 0/1 mask) as a list of
+    1-D int64 CPU tensors, checked against the vocabulary.
+
+    ``tokenizer``: a 2-D tensor without a mask whose rows start or end with its pad id is refused as padded (unless
+    that id is also EOS or BOS, see :func:`undeclared_padding_id`). Otherwise an unmasked 2-D tensor is taken
+    whole, every column a token.
+    """
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 2:
             raise ValueError(f"{name} as a tensor must be 2-D [batch, length], got shape {tuple(ids.shape)}")
         if mask is not None:
-            if mask.shape != ids.shape:
-                raise ValueError(f"{name} mask shape {tuple(mask.shape)} differs from {name} {tuple(ids.shape)}")
-            keep = mask.to("cpu").bool()
+            keep = checked_mask(mask, ids.shape, name.replace("_ids", "_mask"))
             rows = [row[m] for row, m in zip(ids.to("cpu"), keep)]
         else:
+            _refuse_undeclared_padding(ids.to("cpu"), undeclared_padding_id(tokenizer), name)
             rows = list(ids.to("cpu"))
     else:
         if mask is not None:
@@ -103,12 +184,12 @@ def cond_nll_from_logprobs(
             )
         lp = cond_logprobs.detach().to("cpu", torch.float64)
         if completion_mask is not None:
-            if completion_mask.shape != cond_logprobs.shape:
+            if isinstance(completion_mask, torch.Tensor) and completion_mask.shape != cond_logprobs.shape:
                 raise ValueError(
                     f"cond_logprobs {tuple(cond_logprobs.shape)} and completion_mask "
                     f"{tuple(completion_mask.shape)} must have the same shape"
                 )
-            keep = completion_mask.to("cpu").bool()
+            keep = checked_mask(completion_mask, cond_logprobs.shape, "completion_mask")
             rows = [lp[i][keep[i]] for i in range(batch)]
         else:
             if lp.shape[1] < max((len(c) for c in completions), default=0):
@@ -135,5 +216,13 @@ def cond_nll_from_logprobs(
             continue
         if bool(torch.isnan(row).any()) or bool((row > 1e-4).any()):
             raise ValueError(f"cond_logprobs[{i}] must hold log-probabilities (<= 0, not NaN)")
+        if bool(torch.isneginf(row).any()):
+            # log p = -inf: the sampled token had probability 0 under the caller's computation (a filtered or
+            # masked vocabulary), not under the policy at the scorer's temperature; its mean would be infinite.
+            token = int(torch.isneginf(row).nonzero()[0])
+            raise ValueError(
+                f"cond_logprobs[{i}] is -inf at completion token {token}: log-probs must come from the full "
+                "softmax at the scorer's temperature (no top-k/top-p filtering); or leave cond_logprobs out"
+            )
         nll[i] = -row.mean()
     return nll.to(torch.float32)

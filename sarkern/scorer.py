@@ -333,9 +333,12 @@ class SARScorer:
         check_whole_parameters(self.model)  # never a sharded LM head read as whole (sarkern.sharding)
         view = self.resolve()  # the modules as they are now (a PEFT wrap or a resize since the last call)
         vocab = self.vocab_size = view.vocab_size
-        prompts = as_sequences(prompt_ids, prompt_mask, "prompt_ids", allow_empty=False, vocab_size=vocab)
+        prompts = as_sequences(
+            prompt_ids, prompt_mask, "prompt_ids", allow_empty=False, vocab_size=vocab, tokenizer=self.tokenizer
+        )
         completions = as_sequences(
-            completion_ids, completion_mask, "completion_ids", allow_empty=True, vocab_size=vocab
+            completion_ids, completion_mask, "completion_ids", allow_empty=True, vocab_size=vocab,
+            tokenizer=self.tokenizer,
         )
         batch = len(completions)
         if len(prompts) != batch:

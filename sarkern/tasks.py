@@ -262,46 +262,79 @@ class DatasetFormatError(ValueError):
     """A dataset file cannot be used: unreadable, unknown format, or without the expected columns."""
 
 
-_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+_GSM8K_MARKER = "####"
 
 
 def extract_gsm8k_answer(text: str) -> str:
-    """The final answer of a GSM8K-style solution (`... #### 1,234` -> `1234`); other text is returned stripped.
+    """The final answer of a GSM8K-style solution (`... #### 1,234` -> `1234`); text without `####` is returned
+    stripped.
 
-    GSM8K writes the worked solution, then `#### ` and the final answer; thousands separators are removed so that
-    the answer compares as a number.
+    GSM8K writes the worked solution, then `#### ` and the final answer, exactly once; thousands separators are removed
+    so that the answer compares as a number. Raises `ValueError` for a `####` with nothing after it (the answer is
+    missing: a number of the worked solution is not it) and for several `####` (which one is final is a guess).
     """
     text = str(text).strip()
-    match = _GSM8K_ANSWER.search(text)
-    if match is None:
+    markers = text.count(_GSM8K_MARKER)
+    if markers == 0:
         return text
-    answer = match.group(1).strip()
+    if markers > 1:
+        raise ValueError(
+            f"has {markers} '####' final-answer markers; GSM8K has one, before the final answer: keep only that one"
+        )
+    answer = text.split(_GSM8K_MARKER, 1)[1].strip()
+    if not answer:
+        raise ValueError("ends in '####' with no final answer after it; write the answer after '#### '")
     # Only drop commas between digits: "1,234" -> "1234", but leave e.g. "(1, 2)" alone.
     return re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json` keeps the last of two equal keys silently; a row with two answers is a broken row, not the second one."""
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+def _parse_json(text: str, path: Path, where: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as err:
+        raise DatasetFormatError(
+            f"{path}: {where} has the key {err.key!r} twice; JSON keeps only one of them silently: remove the other"
+        ) from None
+
+
 def _read_records(path: Path) -> list[dict[str, Any]] | Dataset:
     suffix = path.suffix.lower()
-    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-        records = json.loads(path.read_text(encoding="utf-8"))  # a JSON array of objects
-        if not all(isinstance(record, dict) for record in records):
-            raise DatasetFormatError(f"{path}: expected a JSON array of objects")
-        return records
     if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is not content
+        if suffix == ".json" and text.lstrip().startswith("["):
+            records = _parse_json(text, path, "the JSON array")  # a JSON array of objects
+            if not all(isinstance(record, dict) for record in records):
+                raise DatasetFormatError(f"{path}: expected a JSON array of objects")
+            return records
         records = []
-        with path.open("r", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DatasetFormatError(
-                        f"{path}: line {line_number} is not valid JSON ({err.msg}); expected one JSON object per line"
-                    ) from err
-                if not isinstance(record, dict):
-                    raise DatasetFormatError(f"{path}: line {line_number} is not a JSON object")
-                records.append(record)
+        for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON text may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                record = _parse_json(line, path, f"line {line_number}")
+            except json.JSONDecodeError as err:
+                raise DatasetFormatError(
+                    f"{path}: line {line_number} is not valid JSON ({err.msg}); expected one JSON object per line"
+                ) from err
+            if not isinstance(record, dict):
+                raise DatasetFormatError(f"{path}: line {line_number} is not a JSON object")
+            records.append(record)
         return records
     if suffix == ".parquet":
         return Dataset.from_parquet(str(path))
@@ -365,9 +398,12 @@ def load_qa_file(
             raise DatasetFormatError(
                 f"{path}: row {row} has an answer of type {type(answer).__name__}; answers must be text or a number"
             )
+    final_answers = []
+    for row, answer in enumerate(answers, start=1):
+        try:
+            final_answers.append(extract_gsm8k_answer(answer))
+        except ValueError as err:
+            raise DatasetFormatError(f"{path}: row {row}: the answer {err}") from None
     return Dataset.from_dict(
-        {
-            "prompt": [make_prompt(str(q), system_prompt) for q in questions],
-            "answer": [extract_gsm8k_answer(a) for a in answers],
-        }
+        {"prompt": [make_prompt(str(q), system_prompt) for q in questions], "answer": final_answers}
     )

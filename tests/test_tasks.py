@@ -224,3 +224,51 @@ def test_unreadable_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DatasetFormatError, match="cannot read"):
         load_qa_file(binary)
+
+
+# ---------------------------------------------------------------- issue 21 item 12: final answers and file encodings
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        # A bare marker means the final answer is missing; the last number of the working (48) is not it.
+        ("She sells 48 clips in April and half as many in May.\n####", "ends in '####' with no final answer"),
+        ("16 - 3 - 4 = 9\n####   \n", "ends in '####' with no final answer"),
+        # Two final answers: which one the author meant is a guess (GSM8K has exactly one).
+        ("#### 5 #### 6", "has 2 '####' final-answer markers"),
+        ("2 + 3 = 5\n#### 5\n#### 6", "has 2 '####' final-answer markers"),
+    ],
+)
+def test_gsm8k_answers_without_one_final_answer_are_refused_with_their_row(tmp_path, answer, message):
+    with pytest.raises(ValueError, match=message):
+        extract_gsm8k_answer(answer)
+    rows = [{"question": "a?", "answer": "#### 1"}, {"question": "b?", "answer": answer}]
+    path = _write_jsonl(tmp_path / "qa.jsonl", rows)
+    with pytest.raises(DatasetFormatError, match=f"row 2: the answer {message}") as info:
+        load_qa_file(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_duplicated_json_key_is_refused_naming_it(tmp_path, suffix):
+    # json.loads would keep "8" silently: the reference answer would be whichever key came last.
+    row = '{"question": "2+2?", "answer": "4", "answer": "8"}'
+    path = tmp_path / f"qa{suffix}"
+    text = f"[{row}]" if suffix == ".json" else '{"question": "1+1?", "answer": "2"}\n' + row + "\n"
+    path.write_text(text, encoding="utf-8")
+    where = "the JSON array" if suffix == ".json" else "line 2"
+    with pytest.raises(DatasetFormatError, match=f"{where} has the key 'answer' twice") as info:
+        load_qa_file(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
+    rows = [{"question": "Wie viel ist 2+2?", "answer": "#### 4"}, {"question": "3+3?", "answer": "6"}]
+    text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+    path = tmp_path / f"qa{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # what Windows editors write
+    dataset = load_qa_file(path)
+    assert dataset["answer"] == ["4", "6"]
+    assert dataset[0]["prompt"] == [{"role": "user", "content": "Wie viel ist 2+2?"}]
