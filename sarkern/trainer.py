@@ -8,9 +8,13 @@ SAR costs at most one extra no-grad pass per generation batch, and usually half 
 log-probs are reused when the trainer has them, in this order: TRL's old log-probs (computed when generation and
 optimisation steps are misaligned); the log-probs captured while transformers' `generate` sampled the completions
 (`sarkern.capture`, TRL's default path); exact sampling log-probs from vLLM (temperature 1, no top-k, top-p, min-p or
-repetition penalty). The first batch that reuses a source also runs the conditioned pass and checks that both agree
-within the bound measured for the policy's precision, so a change in TRL's or transformers' internals stops training
-with an error instead of scoring the wrong tensors.
+repetition penalty). A source is reused only where it can be ppl(a|q): never under active dropout (TRL generates and
+computes old log-probs in training mode), never for generation modes other than sampling and greedy search (beam
+search reorders rows), never when the captured steps do not line up with the completions (a `generate` that runs no
+logits processors); each such case is reported in one log line and SAR runs its own conditioned pass. The first batch
+that reuses a source also runs the conditioned pass and checks that both agree within the bound measured for the
+policy's precision, so a change in TRL's or transformers' internals stops training with an error naming what is left
+as the cause, instead of scoring the wrong tensors.
 
 TRL's private methods this trainer extends (`_generate`, `_generate_single_turn`, `_generate_and_score_completions`,
 `_get_per_token_logps_and_entropies`) change between TRL minor versions: `TESTED_TRL` is the range tested, and
@@ -60,6 +64,7 @@ TESTED_TRL = ("1.16.0", "1.17.0")
 
 # GRPOTrainer's private methods this trainer overrides or calls, with the leading parameters it relies on.
 _TRL_METHODS = {
+    "__init__": ("model", "reward_funcs", "args", "train_dataset"),
     "_generate": ("prompts",),
     "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
     "_generate_and_score_completions": ("inputs",),
@@ -188,8 +193,14 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
 
     Logged each step, besides TRL's own metrics (`rewards/sar/mean` among them), reduced over all processes:
     `sar/ppl_cond` and `sar/ppl_uncond` (means over the global batch), `sar/cond_reused` (1 when the conditioned
-    log-probs came from the trainer), `sar/seconds` (the slowest process's SAR time) and `sar/step_share` (that over
-    the slowest process's step time). SAR is not computed at evaluation.
+    log-probs came from the trainer), `sar/packed_path` (1 on the scorer's packed path, 0 on its universal path; the
+    path and its reason are also logged once), `sar/seconds` (the slowest process's SAR time) and `sar/step_share`
+    (that over the slowest process's step time). SAR is not computed at evaluation.
+
+    A drop-in for `GRPOTrainer`: the same arguments (`args=None` builds a default `SARGRPOConfig` named after the
+    model, as TRL does), `reward_processing_classes` for the caller's reward functions (SAR's slot is added), TRL's
+    refusal of a trainer without `reward_funcs` (SAR alone is not trained on) and TRL's warning when every reward
+    function returns None for a completion (SAR still rewards it).
 
     Runs under every engine accelerate offers, DDP, FSDP2 and DeepSpeed ZeRO-3: SAR is scored inside the engine's
     parameter gathering (`sarkern.sharding.gathered_call`). On CPU processes, where accelerate would silently train as

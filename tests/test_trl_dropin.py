@@ -121,7 +121,8 @@ def test_mismatched_reward_processing_classes_length(flavour, dataset, reward_mo
     """TRL's test: one processing class for two reward models is refused, counting the caller's reward functions
     (SAR's own slot is not the caller's business)."""
     trainer_class, config_class, _ = flavour
-    with pytest.raises(ValueError, match=r"reward processing classes \(1\) must match the number of reward functions \(2\)"):  # fmt: skip
+    expected = r"reward processing classes \(1\) must match the number of reward functions \(2\)"
+    with pytest.raises(ValueError, match=expected):
         trainer_class(
             model=POLICY,
             reward_funcs=list(reward_models),  # TRL replaces the paths in the list it is given by models
