@@ -8,9 +8,13 @@ SAR costs at most one extra no-grad pass per generation batch, and usually half 
 log-probs are reused when the trainer has them, in this order: TRL's old log-probs (computed when generation and
 optimisation steps are misaligned); the log-probs captured while transformers' `generate` sampled the completions
 (`sarkern.capture`, TRL's default path); exact sampling log-probs from vLLM (temperature 1, no top-k, top-p, min-p or
-repetition penalty). The first batch that reuses a source also runs the conditioned pass and checks that both agree
-within the bound measured for the policy's precision, so a change in TRL's or transformers' internals stops training
-with an error instead of scoring the wrong tensors.
+repetition penalty). A source is reused only where it can be ppl(a|q): never under active dropout (TRL generates and
+computes old log-probs in training mode), never for generation modes other than sampling and greedy search (beam
+search reorders rows), never when the captured steps do not line up with the completions (a `generate` that runs no
+logits processors); each such case is reported in one log line and SAR runs its own conditioned pass. The first batch
+that reuses a source also runs the conditioned pass and checks that both agree within the bound measured for the
+policy's precision, so a change in TRL's or transformers' internals stops training with an error naming what is left
+as the cause, instead of scoring the wrong tensors.
 
 TRL's private methods this trainer extends (`_generate`, `_generate_single_turn`, `_generate_and_score_completions`,
 `_get_per_token_logps_and_entropies`) change between TRL minor versions: `TESTED_TRL` is the range tested, and
@@ -28,8 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 import trl
+from accelerate.logging import get_logger
 from packaging.version import Version
+from torch import nn
+from transformers.generation import GenerationMode
 from trl import GRPOConfig, GRPOTrainer
 
 from .capture import CAPTURE_NLL_BOUNDS, CaptureMismatchError, capture_sampling_logprobs
@@ -39,13 +47,24 @@ from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
 from .sharding import gathered_call, refuse_fsdp1, run_requested_engine
 
-__all__ = ["TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "check_trl_internals"]
+__all__ = [
+    "TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "active_dropout", "check_trl_internals",
+]  # fmt: skip
+
+logger = get_logger(__name__)
+# TRL's own logger, for the warnings TRL would give that SAR's reward column hides.
+trl_logger = get_logger(GRPOTrainer.__module__)
+
+# Generation modes in which each returned token was chosen, at its step, from that step's logits: only there do the
+# log-probs seen by a logits processor belong to the returned completions (beam search reorders and prunes rows).
+_CAPTURABLE_MODES = (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH)
 
 # The TRL versions this trainer was tested with: [first, last) (tests/test_trainer.py, tests/test_trl_internals.py).
 TESTED_TRL = ("1.16.0", "1.17.0")
 
 # GRPOTrainer's private methods this trainer overrides or calls, with the leading parameters it relies on.
 _TRL_METHODS = {
+    "__init__": ("model", "reward_funcs", "args", "train_dataset"),
     "_generate": ("prompts",),
     "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
     "_generate_and_score_completions": ("inputs",),
@@ -55,6 +74,26 @@ _TRL_METHODS = {
 # Length of the tuple `_generate` returns: prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields,
 # images, tool_images.
 _GENERATE_OUTPUTS = 8
+
+
+def _model_name(model) -> str:
+    """The name TRL gives a default config's output directory: the model's id without its owner or folders."""
+    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+    return name.split("/")[-1]
+
+
+def active_dropout(model: nn.Module) -> str | None:
+    """The first dropout that a training-mode forward of ``model`` applies (an ``nn.Dropout`` with p > 0, or a float
+    attribute such as ``attention_dropout`` that attention functions read in training mode), or None."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name or type(module).__name__} (p={module.p:g})"
+        for attr, value in vars(module).items():
+            if "dropout" in attr and isinstance(value, float) and value > 0:
+                return f"{name}.{attr}={value:g}"
+    return None
 
 
 class TRLInternalsError(RuntimeError):
@@ -154,8 +193,14 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
 
     Logged each step, besides TRL's own metrics (`rewards/sar/mean` among them), reduced over all processes:
     `sar/ppl_cond` and `sar/ppl_uncond` (means over the global batch), `sar/cond_reused` (1 when the conditioned
-    log-probs came from the trainer), `sar/seconds` (the slowest process's SAR time) and `sar/step_share` (that over
-    the slowest process's step time). SAR is not computed at evaluation.
+    log-probs came from the trainer), `sar/packed_path` (1 on the scorer's packed path, 0 on its universal path; the
+    path and its reason are also logged once), `sar/seconds` (the slowest process's SAR time) and `sar/step_share`
+    (that over the slowest process's step time). SAR is not computed at evaluation.
+
+    A drop-in for `GRPOTrainer`: the same arguments (`args=None` builds a default `SARGRPOConfig` named after the
+    model, as TRL does), `reward_processing_classes` for the caller's reward functions (SAR's slot is added), TRL's
+    refusal of a trainer without `reward_funcs` (SAR alone is not trained on) and TRL's warning when every reward
+    function returns None for a completion (SAR still rewards it).
 
     Runs under every engine accelerate offers, DDP, FSDP2 and DeepSpeed ZeRO-3: SAR is scored inside the engine's
     parameter gathering (`sarkern.sharding.gathered_call`). On CPU processes, where accelerate would silently train as
@@ -166,33 +211,64 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     parameters hold no whole LM head.
     """
 
-    def __init__(self, model, reward_funcs=None, args: SARGRPOConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("SARGRPOTrainer needs an SARGRPOConfig (args=...)")
-        if not isinstance(args, SARGRPOConfig):
-            raise TypeError(f"args must be an SARGRPOConfig, got {type(args).__name__}")
+    def __init__(self, model, reward_funcs=None, args: SARGRPOConfig | None = None, *more_args, **kwargs):
         check_trl_internals()
+        # GRPOTrainer's own signature: the same positional and keyword arguments, the same TypeError on others.
+        bound = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *more_args, **kwargs)
+        params = dict(bound.arguments)
+        del params["self"]
+        if args is None:  # as TRL does: a default config named after the model
+            args = SARGRPOConfig(f"{_model_name(model)}-GRPO")
+        if not isinstance(args, SARGRPOConfig):
+            raise TypeError(
+                f"args must be an SARGRPOConfig, got {type(args).__name__}: SARGRPOConfig takes every GRPOConfig "
+                "field and adds the sar_* ones"
+            )
         if reward_funcs is None:
             reward_funcs = []
         elif not isinstance(reward_funcs, list):
             reward_funcs = [reward_funcs]
         user_weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(reward_funcs)
         if len(user_weights) != len(reward_funcs):
-            raise ValueError(f"{len(user_weights)} reward_weights for {len(reward_funcs)} reward functions")
+            raise ValueError(
+                f"Number of reward weights ({len(user_weights)}) must match number of reward functions "
+                f"({len(reward_funcs)})"
+            )
+        processing_classes = params.get("reward_processing_classes")
+        if processing_classes is not None:
+            if not isinstance(processing_classes, list):
+                processing_classes = [processing_classes]
+            if len(processing_classes) != len(reward_funcs):  # TRL's check, on the caller's reward functions
+                raise ValueError(
+                    f"The number of reward processing classes ({len(processing_classes)}) must match the number of "
+                    f"reward functions ({len(reward_funcs)})."
+                )
         args = copy.copy(args)  # the caller's config keeps its own reward_weights
         # sar_weight = 0 is plain GRPO: no SAR reward function, no scorer, no extra pass.
         self.sar_enabled = args.sar_weight != 0.0
         if self.sar_enabled:
             for name in ("tools", "environment_factory", "rollout_func"):
-                if kwargs.get(name):
+                if params.get(name):
                     raise NotImplementedError(
                         f"SARGRPOTrainer does not support {name}: the completions would hold tokens the policy did "
                         "not sample (tool results, environment feedback), which SAR would score as its own"
                     )
+            if not reward_funcs:  # TRL refuses to train without a reward; SAR alone is a regulariser, not a task
+                raise ValueError(
+                    "No reward source provided. Pass `reward_funcs` (e.g. a correctness reward): SARGRPOTrainer adds "
+                    "SAR to them and does not train on SAR alone"
+                )
             reward_funcs = [*reward_funcs, _SARRewardFunction(self)]
             user_weights = [*user_weights, args.sar_weight]
+            if processing_classes is not None:
+                processing_classes = [*processing_classes, None]  # SAR tokenizes nothing
         args.reward_weights = list(user_weights)
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        params.update(model=model, reward_funcs=reward_funcs, args=args)
+        if processing_classes is not None:
+            params["reward_processing_classes"] = processing_classes
+        self._sar_notes: set[str] = set()  # reasons already reported why a reuse source was not used
+        self._sar_path_logged = None  # the scoring path last reported in the log
+        super().__init__(**params)
         self._sar_batch: dict[str, Any] = {}
         self._sar_capture_old_logps = False
         self._sar_seconds_in_step = 0.0
@@ -272,8 +348,8 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         return dtype
 
     def _capture_during_generation(self) -> bool:
-        """Capture the sampling log-probs in transformers' `generate` when they will be reused: training, reuse on,
-        no old log-probs coming anyway, TRL's plain `generate` path, and a precision whose bound was measured."""
+        """Capture the sampling log-probs in transformers' `generate` when they could be reused: training, reuse on,
+        no old log-probs coming anyway, TRL's plain `generate` path (`_reuse_blocker` then says if they can be)."""
         return (
             self.sar_enabled
             and self.args.sar_reuse_logprobs
@@ -281,15 +357,49 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             and not self.use_vllm
             and not self.use_transformers_continuous_batching
             and not self._trainer_computes_old_logps()
-            and self._policy_precision() in CAPTURE_NLL_BOUNDS
         )
+
+    def _reuse_blocker(self, source: str) -> str | None:
+        """Why the `source` log-probs ("captured" or "old") cannot be proven to be this batch's ppl(a|q), or None."""
+        dropout = active_dropout(self.model)
+        if dropout is not None:
+            return (
+                f"the policy applies dropout in training mode ({dropout}), so the {source} log-probs come from a "
+                "random sub-network, not from the policy SAR scores (set disable_dropout=True or the model's dropout "
+                "to 0 to reuse them)"
+            )
+        if source == "captured":
+            mode = self.generation_config.get_generation_mode()
+            if mode not in _CAPTURABLE_MODES:
+                return (
+                    f"generation runs as {mode.value} (generation_kwargs), whose returned sequences are not the "
+                    "tokens chosen at each decoding step, so no log-probs are captured"
+                )
+            precision = self._policy_precision()
+            if precision not in CAPTURE_NLL_BOUNDS:
+                return f"no capture bound was measured for a policy computing in {precision}"
+        return None
+
+    def _note(self, key: str, message: str) -> None:
+        """One line per kind of reason, the first time a reuse source is given up for the conditioned pass."""
+        if key not in self._sar_notes:
+            self._sar_notes.add(key)
+            logger.warning(f"SAR: {message}; SAR runs its own conditioned pass instead", main_process_only=False)
 
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         if not self._capture_during_generation():
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        self._sar_batch["through_single_turn"] = True
+        blocker = self._reuse_blocker("captured")
+        if blocker is not None:
+            self._note("captured", blocker)
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
         with capture_sampling_logprobs(self.accelerator.unwrap_model(self.model_wrapped), self.temperature) as capture:
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
-        self._sar_batch["captured_logps"] = capture.per_completion(completion_ids)  # checked token by token
+        try:
+            self._sar_batch["captured_logps"] = capture.per_completion(completion_ids)  # checked token by token
+        except CaptureMismatchError as error:  # e.g. a `generate` that runs no logits processors
+            self._note("captured-alignment", f"the log-probs captured during generation are not usable ({error})")
         self._sar_batch["capture_seconds"] = capture.seconds  # counted as SAR's time
         return completion_ids, logprobs
 
@@ -354,10 +464,13 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
             truncated = any(not ids or ids[-1] not in eos_and_pad for ids in completion_ids)
             if not (self.mask_truncated_completions and truncated):
-                return "old", batch["old_logps"]
+                blocker = self._reuse_blocker("old")
+                if blocker is None:
+                    return "old", batch["old_logps"]
+                self._note("old", blocker)
         if batch.get("captured_logps") is not None:
             return "captured", batch["captured_logps"]
-        if self._capture_during_generation():
+        if self._capture_during_generation() and not batch.get("through_single_turn"):
             raise TRLInternalsError(
                 f"TRL {trl.__version__} generated without GRPOTrainer._generate_single_turn, so no sampling log-probs "
                 "were captured; SARGRPOTrainer was tested with TRL "
@@ -369,16 +482,27 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
 
     def _verify_reuse(self, source: str, reused: torch.Tensor, fresh: torch.Tensor, valid: torch.Tensor) -> None:
         """The first batch of each reuse source: its ppl(a|q) must agree with the scorer's own conditioned pass within
-        the bound of the policy's precision, or TRL/transformers handed over other tensors than SAR expects."""
-        bound = CAPTURE_NLL_BOUNDS.get(self._policy_precision(), CAPTURE_NLL_BOUNDS[torch.bfloat16])
+        the bound of the policy's precision. What could make them differ legitimately (dropout, beam search, an
+        unmeasured precision) was ruled out before reuse, so what is left is named as the cause."""
+        precision = self._policy_precision()
+        bound = CAPTURE_NLL_BOUNDS.get(precision, CAPTURE_NLL_BOUNDS[torch.bfloat16])
         if bool(valid.any()):
             gap = (torch.log(reused[valid]) - torch.log(fresh[valid])).abs().max().item()
             if not gap <= bound:
+                versions = f"TRL {trl.__version__}, transformers {transformers.__version__}"
+                cause = {
+                    "captured": f"with plain sampling and no dropout, {versions} computed or processed the logits "
+                    "differently before the capture saw them (another temperature, a processor run first, a changed "
+                    "cache or mask)",
+                    "old": f"{versions} computed the old log-probs otherwise than a forward of the policy (another "
+                    "temperature, masking or model state)",
+                    "vllm": "vLLM returned processed log-probs, or sampled with weights other than the policy's",
+                }[source]
                 error = CaptureMismatchError if source == "captured" else TRLInternalsError
                 raise error(
                     f"the {source} log-probs differ from a fresh conditioned pass by {gap:.3g} in mean NLL per "
-                    f"completion (bound {bound:g} at {self._policy_precision()}); TRL {trl.__version__} or "
-                    "transformers internals may have changed. Set sar_reuse_logprobs=False to score both halves."
+                    f"completion (bound {bound:g} at {precision}): {cause}. Set sar_reuse_logprobs=False to score "
+                    "both halves."
                 )
         self._sar_verified.add(source)
 
@@ -413,12 +537,28 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         self._sar_seconds_in_step += seconds
         self.sar_calls["scored"] += 1
         self.sar_calls["cond_reused"] += int(source is not None)
+        self._log_scoring_path()
         self._log_sar_metrics(mode, scores, seconds, source is not None)
         return [None if math.isnan(r) else r for r in scores.reward.tolist()]
+
+    def _scoring_path(self) -> tuple[str | None, str]:
+        """(path, reason) the scorer reports: "packed", "universal", or None while undecided."""
+        scorer = self.sar_scorer
+        if not hasattr(scorer, "scoring_path"):  # a scorer from before the universal path: packed forwards only
+            return "packed", "this SARScorer has the packed path only"
+        return scorer.scoring_path, str(getattr(scorer, "scoring_path_reason", "") or "no reason given")
+
+    def _log_scoring_path(self) -> None:
+        """One log line when the scorer's path is first known (and again should it change)."""
+        path, reason = self._scoring_path()
+        if path is not None and path != self._sar_path_logged:
+            self._sar_path_logged = path
+            logger.info(f"SAR scoring path: {path} ({reason})")
 
     def _log_sar_metrics(self, mode: str, scores, seconds: float, reused: bool) -> None:
         """Means over the global batch (every process's valid completions), the slowest process's seconds."""
         valid = scores.valid
+        path = self._scoring_path()[0]
         local = torch.tensor(
             [
                 scores.ppl_cond[valid].double().sum().item(),
@@ -426,11 +566,12 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
                 float(valid.sum().item()),
                 float(reused),
                 seconds,
+                {"packed": 1.0, "universal": 0.0}.get(path, math.nan),
             ],
             dtype=torch.float64,
             device=self.accelerator.device,
         )
-        gathered = self.accelerator.gather(local[None]).cpu()  # [processes, 5]
+        gathered = self.accelerator.gather(local[None]).cpu()  # [processes, 6]
         count = gathered[:, 2].sum().item()
         metrics = self._metrics[mode]
         metrics["sar/ppl_cond"].append(gathered[:, 0].sum().item() / count if count else math.nan)
@@ -438,6 +579,29 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             metrics["sar/ppl_uncond"].append(gathered[:, 1].sum().item() / count if count else math.nan)
         metrics["sar/cond_reused"].append(gathered[:, 3].mean().item())
         metrics["sar/seconds"].append(gathered[:, 4].max().item())
+        metrics["sar/packed_path"].append(gathered[:, 5].mean().item())  # the share of processes on the packed path
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.sar_enabled and self.model.training:
+            self._warn_if_only_sar_rewards(rewards_per_func, inputs, prompts, completions)
+        return rewards_per_func
+
+    def _warn_if_only_sar_rewards(self, rewards_per_func, inputs, prompts, completions) -> None:
+        """TRL warns when every reward function returned None for a completion; SAR's column hides that from TRL's
+        check, so the same warning is given here, on TRL's logger, for this process's completions."""
+        start = self.accelerator.process_index * len(prompts)
+        local = rewards_per_func[start : start + len(prompts)]
+        only_sar = torch.isnan(local[:, :-1]).all(dim=1) & ~torch.isnan(local[:, -1])  # TRL warned of the others
+        if bool(only_sar.any()):
+            row = int(only_sar.nonzero()[0, 0])
+            kwargs = {k: v for k, v in inputs[row].items() if k not in ("prompt", "completion", "completion_ids")}
+            kwargs.update(prompt=prompts[row], completion=completions[row])
+            trl_logger.warning(
+                f"All reward functions returned None for the following kwargs:\n{kwargs}\n"
+                "Please ensure that at least one reward function returns a valid reward. "
+                "(SARGRPOTrainer: this completion is rewarded by SAR alone.)"
+            )
 
     def training_step(self, model, inputs, num_items_in_batch):
         start = time.perf_counter()

@@ -94,12 +94,13 @@ def advantage_tolerance(rewards_per_func: torch.Tensor, group: int) -> float:
     return 4 * group * u * biggest * (1 + largest_advantage) / smallest_scale
 
 
-def test_sar_is_scored_logged_and_enters_the_advantages(tmp_path):
+def test_sar_is_scored_logged_and_enters_the_advantages(tmp_path, caplog):
     """`sarkern train`'s defaults (transformers generation, num_iterations=1): TRL computes no old log-probs, so
     the conditioned half comes from the log-probs captured while sampling; only the placeholder half runs."""
     trainer = build_trainer(options(tmp_path))
     recorder = Recorder(trainer)
-    trainer.train()
+    with caplog.at_level("INFO", logger="sarkern.trainer"):
+        trainer.train()
 
     # The first batch also runs a full pass once, to check the captured log-probs against it.
     verify, *reused = recorder.score_calls
@@ -128,6 +129,13 @@ def test_sar_is_scored_logged_and_enters_the_advantages(tmp_path):
         assert 0.0 < entry["sar/step_share"] < 1.0
         assert entry["sar/cond_reused"] == 1.0
     assert trainer.sar_calls == {"scored": 2, "cond_reused": 2}
+
+    # The scorer's path (issue 20): one log line after the first scoring, and a metric on every logged step.
+    path = getattr(trainer.sar_scorer, "scoring_path", "packed")  # a scorer without the attribute packs only
+    assert path in ("packed", "universal")
+    lines = [r.getMessage() for r in caplog.records if "SAR scoring path" in r.getMessage()]
+    assert len(lines) == 1 and f"SAR scoring path: {path} (" in lines[0], lines
+    assert all(entry["sar/packed_path"] == {"packed": 1.0, "universal": 0.0}[path] for entry in logged)
 
 
 def test_old_logprobs_are_reused_when_the_trainer_has_them(tmp_path):

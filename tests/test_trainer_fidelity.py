@@ -48,7 +48,7 @@ def qwen3_style_tokenizer():
     return tokenizer
 
 
-def make_trainer(tmp_path, *, tokenizer=None, dataset=None, steps=1, **config) -> SARGRPOTrainer:
+def make_trainer(tmp_path, *, tokenizer=None, dataset=None, steps=1, model=None, **config) -> SARGRPOTrainer:
     base = dict(
         output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=4, num_generations=2,
         max_completion_length=16, learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none",
@@ -56,7 +56,7 @@ def make_trainer(tmp_path, *, tokenizer=None, dataset=None, steps=1, **config) -
     )  # fmt: skip
     base.update(config)
     return SARGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR),
+        model=model if model is not None else AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR),
         reward_funcs=[correctness_reward],
         args=SARGRPOConfig(**base),
         train_dataset=dataset if dataset is not None else synthetic_arithmetic_dataset(16, seed=0),
@@ -223,8 +223,74 @@ def test_wrong_captured_logprobs_fail_loudly(tmp_path):
     as if generation changed how it scales the logits) are caught on the first batch, not reused."""
     trainer = make_trainer(tmp_path)
     trainer.temperature = 0.5  # what the capture uses; the scorer and TRL's generation stay at 1.0
-    with pytest.raises(CaptureMismatchError, match="captured log-probs differ from a fresh conditioned pass"):
+    with pytest.raises(CaptureMismatchError, match="captured log-probs differ from a fresh conditioned pass") as error:
         trainer.train()
+    # The causes that were ruled out before reuse are not blamed; what is left is named.
+    assert "with plain sampling and no dropout" in str(error.value) and "another temperature" in str(error.value)
+
+
+def gpt2_style_policy():
+    """A tiny random GPT-2 on the bundled tokenizer's vocabulary, with GPT-2's default dropouts of 0.1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR).config.vocab_size
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=3,
+        pad_token_id=0,
+    )  # fmt: skip
+    assert config.attn_pdrop == config.resid_pdrop == config.embd_pdrop == 0.1
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize(
+    "policy, config",
+    [
+        ("gpt2", {}),  # nn.Dropout modules
+        ("qwen2-attention-dropout", {}),  # a float attribute the attention function reads in training mode
+        ("qwen2-attention-dropout", {"num_iterations": 2}),  # TRL's old log-probs, also computed in training mode
+    ],
+    ids=["gpt2-captured", "qwen2-captured", "qwen2-old-logprobs"],
+)
+def test_a_policy_with_dropout_trains_on_the_conditioned_pass(tmp_path, caplog, policy, config):
+    """TRL generates (and computes old log-probs) in training mode: with dropout those log-probs come from a random
+    sub-network. They are not reused; one line says why, and SAR scores both halves with dropout off."""
+    if policy == "gpt2":
+        model = gpt2_style_policy()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, attention_dropout=0.1)
+    trainer = make_trainer(tmp_path, model=model, **config)
+    calls = record_score_calls(trainer.sar_scorer)
+    with caplog.at_level("WARNING", logger="sarkern.trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and trainer.sar_calls == {"scored": 1, "cond_reused": 0}
+    assert len(calls) == 1 and calls[0].get("cond_logprobs") is None
+    notes = [r.getMessage() for r in caplog.records if r.name == "sarkern.trainer"]
+    expected = "transformer.drop (p=0.1)" if policy == "gpt2" else "self_attn.attention_dropout=0.1"
+    assert len(notes) == 1 and "applies dropout in training mode" in notes[0] and expected in notes[0], notes
+
+
+def test_a_generate_that_runs_no_logits_processors_trains_on_the_conditioned_pass(tmp_path, caplog):
+    """A policy with its own `generate` (here a plain sampling loop) never calls the capture: nothing is reused, one
+    line says why, and SAR scores both halves."""
+    trainer = make_trainer(tmp_path)
+    policy = trainer.model
+
+    def own_sampling_loop(input_ids, attention_mask, generation_config, **kwargs):
+        for _ in range(generation_config.max_new_tokens):
+            logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+            token = torch.multinomial(torch.softmax(logits / generation_config.temperature, dim=-1), 1)
+            input_ids = torch.cat([input_ids, token], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        return input_ids
+
+    policy.generate = own_sampling_loop
+    calls = record_score_calls(trainer.sar_scorer)
+    with caplog.at_level("WARNING", logger="sarkern.trainer"):
+        trainer.train()
+    assert trainer.sar_calls == {"scored": 1, "cond_reused": 0} and calls[0].get("cond_logprobs") is None
+    notes = [r.getMessage() for r in caplog.records if r.name == "sarkern.trainer"]
+    assert len(notes) == 1 and "saw no generation step" in notes[0], notes
 
 
 def test_generation_that_bypasses_the_capture_fails_loudly(tmp_path, monkeypatch):
