@@ -279,18 +279,32 @@ def naive_perplexity(
 FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
+def _final_norm(decoder: torch.nn.Module) -> torch.nn.Module:
+    for name in ("norm", "ln_f", "final_layernorm", "norm_f", "final_norm"):
+        if isinstance(getattr(decoder, name, None), torch.nn.Module):
+            return getattr(decoder, name)
+    return [m for m in decoder.modules() if "Norm" in type(m).__name__][-1]  # the last norm the stack applies
+
+
 def logit_bound(model: torch.nn.Module) -> float:
     """An upper bound on |logit| for any input, from the weights alone: the final norm's output ``gamma * xhat +
-    beta`` (RMSNorm or LayerNorm, ``||xhat|| <= sqrt(D)``; Gemma's RMSNorm scales by ``1 + gamma``) has norm at most
-    sqrt(D) * max|gamma| + ||beta||, so by Cauchy-Schwarz |z_v| <= that * max_v ||w_v|| (+ |bias|). Logit scaling
-    and a final soft-cap only shrink it."""
-    decoder = model.get_decoder()
-    norm = next(getattr(decoder, name) for name in ("norm", "ln_f", "final_layernorm") if hasattr(decoder, name))
-    gamma = norm.weight + 1 if "Gemma" in type(norm).__name__ else norm.weight
-    beta = getattr(norm, "bias", None)
+    beta`` (RMSNorm or LayerNorm, ``||xhat|| <= sqrt(D)``) has norm at most sqrt(D) * max|gamma| + ||beta||, so by
+    Cauchy-Schwarz |z_v| <= that * max_v ||w_v|| (+ |bias|). The effective ``gamma`` and ``beta`` are read off the
+    norm itself (some families scale by ``1 + weight``): for a zero-mean, unit-RMS ``x``, ``norm(x) = gamma x +
+    beta`` and ``norm(-x) = -gamma x + beta``. Logit scaling and a final soft-cap only shrink it."""
+    norm = _final_norm(model.get_decoder())
+    width = next(p for p in norm.parameters()).shape[-1]
+    x = torch.ones(width, dtype=torch.float64)
+    x[1::2] = -1
+    if width % 2:
+        x[-1] = 0  # keeps the mean at zero; RMS slightly below 1 only makes the read gamma larger
+    double = copy.deepcopy(norm).double()
+    with torch.no_grad():
+        plus, minus = double(x[None])[0], double(-x[None])[0]
+    gamma = ((plus - minus) / 2).abs()[x != 0].max().item() / x.abs().max().item()
+    beta = ((plus + minus) / 2).norm().item()
     head = model.get_output_embeddings()
-    norm_bound = math.sqrt(gamma.numel()) * gamma.abs().max().item() + (0 if beta is None else beta.norm().item())
-    bound = norm_bound * head.weight.norm(dim=1).max().item()
+    bound = (math.sqrt(width) * gamma + beta) * head.weight.norm(dim=1).max().item()
     if getattr(head, "bias", None) is not None:
         bound += head.bias.abs().max().item()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -309,9 +323,14 @@ def fp32_nll_tolerance(model: torch.nn.Module, max_len: int, temperature: float 
     relative error of a perplexity (the exp of the mean). Two fp32 results (say whole and split passes, which sum in
     different orders) may differ by twice this.
     """
+    from sarkern.model_support import config_value
+
     config = model.config
-    mlp = getattr(config, "intermediate_size", None) or 4 * config.hidden_size  # GPT-2: n_inner or 4 D
-    widest = max(config.hidden_size, mlp, getattr(config, "head_dim", 0) or 0, max_len)
+    mlp = config_value(config, "intermediate_size") or 4 * config.hidden_size  # GPT-2: n_inner or 4 D
+    widest = max(config.hidden_size, mlp, config_value(config, "head_dim") or 0, max_len)
+    for module in model.modules():  # the widest sum in any projection (expert, latent, mixer widths)
+        if isinstance(module, torch.nn.Linear):
+            widest = max(widest, module.in_features)
     stages = 3 * config.num_hidden_layers + 1
     return 2 * stages * widest * FP32_UNIT_ROUNDOFF * logit_bound(model) / temperature
 

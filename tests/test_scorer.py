@@ -17,6 +17,7 @@ from scorer_models import (
     fp32_nll_tolerance,
     naive_perplexity,
     naive_token_logprobs,
+    plain_tokenizer,
     random_ids,
     tiny_model,
 )
@@ -470,7 +471,7 @@ def test_self_aligned_reward_like_trl_calls_it():
 
 def test_self_aligned_reward_with_text_prompts_and_prompt_ids():
     model = tiny_model("llama")
-    tokenizer = chat_tokenizer()
+    tokenizer = plain_tokenizer()  # plain-text prompts: its BOS is the plain-text placeholder
     reward_fn = SelfAlignedReward(model, tokenizer, max_tokens_per_pass=16)
     completion_ids = [[40, 41, 42], [43]]
     text = reward_fn(prompts=["what is 1+1?", "what is 1+1?"], completions=["a", "b"], completion_ids=completion_ids)
