@@ -173,3 +173,49 @@ def test_resized_embeddings_are_followed():
     scores = scorer.score(prompts, completions)
     assert scorer.vocab_size == model.config.vocab_size
     assert_exact(model, scores, prompts, completions)
+
+
+def test_bf16_at_real_width_the_probe_accepts_the_clean_model_and_catches_a_position_bug(monkeypatch):
+    """Qwen3-1.7B's width (hidden 2048, MLP 6144, 16 heads of 128, 8 KV heads), 2 layers, bf16: the calibrated
+    probe accepts the packed path, and refuses it when completions' positions restart at 0 (sent to the universal
+    path, whose scores agree with the clean packed ones)."""
+    import dataclasses
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sarkern import packing
+
+    config = Qwen3Config(
+        vocab_size=512, hidden_size=2048, intermediate_size=6144, num_hidden_layers=2, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(48)
+    prompt_a, prompt_b = random_ids(g, 20, 0, 512), random_ids(g, 12, 0, 512)
+    prompts = [prompt_a] * 3 + [prompt_b]
+    completions = [random_ids(g, n, 0, 512) for n in (30, 24, 1, 28)]
+    placeholder = random_ids(g, 10, 0, 512)
+    clean = SARScorer(model, placeholder_ids=placeholder)
+    clean_scores = clean.score(prompts, completions)
+    assert clean_scores.scoring_path == "packed", clean.scoring_path_reason
+
+    real_build_pass = packing.build_pass
+
+    def positions_restart_at_zero(pairs, prefixes, completions, backend, *, feed_last=False):
+        pack = real_build_pass(pairs, prefixes, completions, backend, feed_last=feed_last)
+        positions = pack.position_ids.clone()
+        for segment in pack.layout.segments:
+            rows = slice(segment.query_start, segment.query_start + segment.query_len)
+            positions[0, rows] -= segment.prefix_len
+        return dataclasses.replace(pack, position_ids=positions)
+
+    monkeypatch.setattr(verification, "build_pass", positions_restart_at_zero)
+    monkeypatch.setattr("sarkern.scorer.build_pass", positions_restart_at_zero)
+    model.config.rms_norm_eps = 1.1e-6  # a new fingerprint: proven again, with the bug
+    buggy = SARScorer(model, placeholder_ids=placeholder)
+    scores = buggy.score(prompts, completions)
+    assert scores.scoring_path == "universal"
+    assert re.search(r"differs from per-sample forwards by .* in bfloat16", buggy.scoring_path_reason)
+    floor = verification.FLOORS[torch.bfloat16]
+    torch.testing.assert_close(scores.ppl_cond.log(), clean_scores.ppl_cond.log(), rtol=0, atol=floor)
