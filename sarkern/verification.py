@@ -133,7 +133,10 @@ def _head_refusal(model: ScoringModel) -> str | None:
             for ids in sequences:
                 n = len(ids) - 1
                 kwargs = {"logits_to_keep": n + 1} if keeps_logits else {}
-                logits = model.model(input_ids=ids.unsqueeze(0).to(model.device), use_cache=False, **kwargs).logits
+                # `forward`, not `__call__`: the root's own hooks (FSDP2's root unit) stay out of a call that runs
+                # inside sarkern.sharding.gathered_call; the submodules' hooks run as in any scoring forward.
+                logits = model.model.forward(input_ids=ids.unsqueeze(0).to(model.device), use_cache=False, **kwargs)
+                logits = logits.logits
                 logits = logits[0, -(n + 1) : -1].float()
                 expected = torch.log_softmax(logits, -1).gather(-1, ids[1:, None].to(logits.device)).squeeze(1)
                 hidden = model.per_sample_hidden(ids)[:n]

@@ -83,6 +83,9 @@ def run(tie: bool) -> dict:
         SARScorer(sharded_model, tokenizer).score(prompts[:1], completions[:1])
     except ShardedParameterError as err:
         refused = str(err)
+    # The first call on the sharded model: nothing to score on rank 0, a batch on rank 1. Every process runs the
+    # first-call checks (the head check's root forward) alike, so neither waits on a collective the other skips.
+    empty_first = score(sharded_model, prompts[:3], [[] for _ in range(3)] if rank == 0 else completions[:3])
     sharded = score(sharded_model, prompts, completions)
     sharded_again = score(sharded_model, prompts, completions)  # the engine's state after the first call is intact
     if engine == "fsdp2":
@@ -102,6 +105,7 @@ def run(tie: bool) -> dict:
         "resharded": resharded,
         "loss_finite": bool(torch.isfinite(loss)),
         "tolerance": tolerance,
+        "empty_first_valid": empty_first.valid.tolist(),
         **{
             f"{name}_{field}": getattr(scores, field).tolist()
             for name, scores in (("whole", whole), ("sharded", sharded), ("again", sharded_again))

@@ -69,6 +69,9 @@ def check_engine_run(ranks: list[dict], engine: str) -> None:
             assert result["resharded"], "parameters sharded again after scoring"
             assert result["loss_finite"]
             assert_scores_match(result)
+        # Rank 0's first sharded call had nothing to score, rank 1's had a batch: both finished.
+    assert ranks[0]["tied"]["empty_first_valid"] == [False] * 3
+    assert ranks[1]["tied"]["empty_first_valid"] == [True, False, True]
     # The two processes scored batches of different sizes (so different numbers of packed passes) without a hang.
     assert len(ranks[0]["tied"]["whole_reward"]) != len(ranks[1]["tied"]["whole_reward"])
 
