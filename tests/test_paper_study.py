@@ -178,6 +178,7 @@ BAD_OPTIONS = [
     (["--date", "2000-13-01"], "--date must be YYYY-MM-DD"),
     (["--findings-file", "/nonexistent/findings.md"], "--findings-file /nonexistent/findings.md: cannot read it"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model does not exist"),
+    (["--workdir", str(_PATH)], f"--workdir {_PATH}: {_PATH} exists and is not a directory"),
 ]
 
 
@@ -243,24 +244,43 @@ def test_ctrl_c_exits_130_with_one_line_and_the_study_resumes(tmp_path, capsys):
     assert paper_study.main(TOY + where + ["--report-only"]) == 0
 
 
-def test_ctrl_c_inside_a_run_says_which_run_and_where_it_resumes(tmp_path, monkeypatch, capsys):
+def run_failure(kind: str, output_dir: str) -> BaseException:
     from sarkern import cli
 
-    def interrupted_run(options, extra_callbacks=None):
-        raise cli.RunInterrupted(
-            f"interrupted at step 3; run the same command again to resume from {options.output_dir}"
-        )
+    return {
+        "ctrl-c": cli.RunInterrupted(f"interrupted at step 3; run the same command again to resume from {output_dir}"),
+        "setup": cli.SetupError("the dataset has 1 usable rows, fewer than prompts_per_step=2"),
+        "crash": RuntimeError("CUDA error: device-side assert\ntriggered"),
+    }[kind]
 
-    monkeypatch.setattr(cli, "run_train", interrupted_run)
+
+RUN_FAILURES = [
+    ("ctrl-c", 130, "paper_study: run correctness seed 0 interrupted at step 3; run the same command again to resume "
+     "from {run_dir}; finished runs are kept"),
+    ("setup", 2, "paper_study: error: run correctness seed 0: the dataset has 1 usable rows, fewer than "
+     "prompts_per_step=2"),
+    ("crash", 1, "paper_study: error: RuntimeError: CUDA error: device-side assert triggered (rerun with --debug for "
+     "the traceback)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "status", "line"), RUN_FAILURES, ids=[kind for kind, _, _ in RUN_FAILURES])
+def test_a_run_that_stops_is_one_line_naming_the_run(kind, status, line, tmp_path, monkeypatch, capsys):
+    from sarkern import cli
+
+    def failing_run(options, extra_callbacks=None):
+        raise run_failure(kind, options.output_dir)
+
+    monkeypatch.setattr(cli, "run_train", failing_run)
     monkeypatch.setattr(paper_study.Study, "base", lambda self: {"greedy_accuracy": 0.5, "greedy_length": 9.0})
     monkeypatch.setattr(paper_study.Study, "write_report", lambda self: None)
     where = ["--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
-    assert paper_study.main(TOY + where) == 130
+    assert paper_study.main(TOY + where) == status
     run_dir = tmp_path / "work" / "runs" / "correctness" / "seed-0"
-    assert capsys.readouterr().err.splitlines() == [
-        f"paper_study: run correctness seed 0 interrupted at step 3; run the same command again to resume from "
-        f"{run_dir}; finished runs are kept"
-    ]
+    assert capsys.readouterr().err.splitlines() == [line.format(run_dir=run_dir)]
+    if kind == "crash":
+        with pytest.raises(RuntimeError, match="device-side assert"):  # --debug: the traceback
+            paper_study.main(TOY + where + ["--debug"])
 
 
 # ---------------------------------------- issue 21, item 4: the dataset file's digest; processes sharing one study
