@@ -163,9 +163,15 @@ class Study:
             check_resumable(stored, settings, self.inputs, self.workdir)
         check_writable(self.workdir, "--workdir")
         check_writable(self.results_dir, "--results-dir")
+        train_rows = None if train is None else self._train_file_bytes(train)
+        if train_rows is not None and self._train_file.exists():
+            self._check_train_file(self._train_file.read_bytes(), train_rows)
         # Everything checked: from here on the study writes.
         self.manifest = self._open_manifest(date, findings)
-        self.train_path = None if train is None else self._write_train_file(train)
+        self.train_path = None
+        if train_rows is not None:
+            self._check_train_file(create_once(self._train_file, train_rows)[0], train_rows)
+            self.train_path = str(self._train_file)
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
 
@@ -244,19 +250,22 @@ class Study:
             )
         return train, held_out.select(range(min(s.eval_problems, held_out.num_rows))), inputs
 
-    def _write_train_file(self, train) -> str:
-        """The training rows as `sarkern train` reads them, written once; every later start (any process) verifies
-        that the file holds them."""
-        path = self.workdir / "data" / "train.jsonl"
+    @property
+    def _train_file(self) -> Path:
+        return self.workdir / "data" / "train.jsonl"
+
+    @staticmethod
+    def _train_file_bytes(train) -> bytes:
+        """The training rows as `sarkern train` reads them (written once; every later start verifies them)."""
         rows = zip(train["prompt"], train["answer"])
-        expected = "".join(json.dumps({"question": p[-1]["content"], "answer": a}) + "\n" for p, a in rows).encode()
-        held, _ = create_once(path, expected)
+        return "".join(json.dumps({"question": p[-1]["content"], "answer": a}) + "\n" for p, a in rows).encode()
+
+    def _check_train_file(self, held: bytes, expected: bytes) -> None:
         if held != expected:
             raise StudyError(
-                f"{path} no longer holds the training rows of {self.settings.dataset} (its file changed after the "
-                "study wrote it); delete it to have it written again, or choose another --workdir"
+                f"{self._train_file} no longer holds the training rows of {self.settings.dataset} (its file changed "
+                "after the study wrote it); delete it to have it written again, or choose another --workdir"
             )
-        return str(path)
 
     def run_dir(self, config: str, seed: int) -> Path:
         return self.workdir / "runs" / config / f"seed-{seed}"

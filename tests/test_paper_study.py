@@ -329,8 +329,10 @@ def test_processes_sharing_a_study_never_rewrite_its_data_file(tmp_path):
     assert train_file.stat().st_mtime_ns == 1 and train_file.read_bytes() == written
 
     train_file.write_bytes(written.replace(b'"answer": "', b'"answer": "1', 1))  # changed behind the study's back
+    manifest = (tmp_path / "work" / "study.json").read_bytes()
     with pytest.raises(SystemExit, match=f"{train_file} no longer holds the training rows of {data}"):
-        paper_study.Study(*study_args(dataset_study(data, tmp_path, "--configs", "sar-0.2")))
+        paper_study.Study(*study_args(dataset_study(data, tmp_path, "--configs", "sar-0.2", "--note", "new")))
+    assert (tmp_path / "work" / "study.json").read_bytes() == manifest  # refused before writing
 
 
 def test_racing_writers_create_a_data_file_once_and_all_read_the_winner(tmp_path):
