@@ -17,13 +17,20 @@
    gives, per pair of classes, the fraction of (better, worse) pairs of the same problem that SAR orders as the
    paper does (ties count half).
 
-The study lives in `--workdir` (default `runs/paper-study`): `study.json` (its settings), `base/` (the untrained
+Every option and input is checked before anything is written (`paperstudy/checks.py`, reusing `sarkern train`'s
+checks): a bad one is one line `paper_study: error: ...` and exit status 2, and the work directory stays as it was;
+Ctrl-C is one line and status 130; any other failure one line and status 1 (`--debug` shows tracebacks).
+
+The study lives in `--workdir` (default `runs/paper-study`): `study.json` (its settings and the sha256 of its
+dataset files), `data/train.jsonl` (with `--dataset`: the rows it trains on, written once), `base/` (the untrained
 model's evaluation) and `runs/<configuration>/seed-<n>/` (the `sarkern train` output directory of each run, with its
-`result.json` once evaluated). A killed study resumes where it stopped when started again with the same settings:
-finished runs are kept, an unfinished one resumes from its last checkpoint. After every finished run the report is
-rewritten to `--results-dir`: `paper-study-<date>.md` (tables, marked PARTIAL until every run has finished),
-`paper-study-<date>.json` (every run's numbers) and `paper-study-<date>.png` (accuracy against length, one point per
-run and the mean of each configuration).
+`result.json` once evaluated). A killed study resumes where it stopped when started again with the same settings
+and the same dataset file (a changed file is refused, naming both digests): finished runs are kept, an unfinished
+one resumes from its last checkpoint. Processes sharing the work directory never rewrite each other's data files
+(`paperstudy/storage.py`). After every finished run the report is rewritten to `--results-dir`:
+`paper-study-<date>.md` (tables, marked PARTIAL until every run has finished), `paper-study-<date>.json` (every run's
+numbers) and `paper-study-<date>.png` (accuracy against length, one point per run and the mean of each
+configuration).
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import itertools
 import json
 import math
 import os
@@ -42,180 +48,33 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the package beside this script, however it is loaded
 
-# Reward configurations: `sarkern train` options on top of the shared settings.
-CONFIGURATIONS: dict[str, dict[str, Any]] = {
-    "correctness": {"reward": "none"},
-    "sar-0.1": {"reward": "sar", "sar_weight": 0.1},
-    "sar-0.2": {"reward": "sar", "sar_weight": 0.2},
-    "sar-0.3": {"reward": "sar", "sar_weight": 0.3},
-    "self-confidence": {"reward": "self_confidence", "sar_weight": 0.2},
-    "o1-pruner": {"reward": "o1_pruner", "length_penalty_weight": 0.2},
-    "efficient-reasoner": {"reward": "efficient_reasoner", "length_penalty_weight": 0.2},
-}
-
-# Answer classes of the ranking analysis, best first: the paper's ordering is "earlier scores higher".
-ANSWER_CLASSES = ("concise correct", "restated correct", "padded correct", "partially correct", "wrong")
-CORRECT_CLASSES = frozenset(ANSWER_CLASSES[:3])
-# The pairs the paper's claim is about (concise above redundant, partially correct above wrong).
-HEADLINE_PAIRS = (("concise correct", "padded correct"), ("partially correct", "wrong"))
-
-
-@dataclass
-class StudySettings:
-    """What every run of the study shares. Resuming requires the same values (`SHARED_FIELDS`).
-
-    The defaults are the committed CPU study's (sized to fit about an hour on a shared 2-core machine). The
-    completion limit fits every answer style of the bundled model (the padded one reaches 153 tokens), so no reward
-    is judged on cut-off answers; the learning rate is one at which correctness-only training leaves the bundled
-    model's held-out accuracy where it was (1e-4 lowered it; see benchmarks/results/paper-study-2026-11-27.md)."""
-
-    model: str | None = None  # None: the bundled tiny model
-    dataset: str | None = None  # None: the synthetic arithmetic task
-    eval_dataset: str | None = None  # None: held-out problems (synthetic test split, or a slice of --dataset)
-    question_column: str = "question"
-    answer_column: str = "answer"
-    configs: list[str] = field(default_factory=lambda: list(CONFIGURATIONS))
-    seeds: int = 3
-    steps: int = 30
-    prompts_per_step: int = 4
-    num_generations: int = 8
-    max_completion_length: int = 160
-    learning_rate: float = 3e-5
-    num_problems: int = 2000
-    eval_problems: int = 200
-    eval_samples: int = 2
-    eval_max_new_tokens: int = 192
-    ranking_problems: int = 100
-    save_steps: int = 10
-    bf16: bool = False
-    note: str = ""
-
-
-# Settings that change what a run computes: a resumed study must use the same ones.
-SHARED_FIELDS = (
-    "model",
-    "dataset",
-    "eval_dataset",
-    "question_column",
-    "answer_column",
-    "steps",
-    "prompts_per_step",
-    "num_generations",
-    "max_completion_length",
-    "learning_rate",
-    "num_problems",
-    "eval_problems",
-    "eval_samples",
-    "eval_max_new_tokens",
-    "ranking_problems",
-    "bf16",
+from paperstudy.checks import check_model, check_resumable, check_settings, check_writable, read_findings  # noqa: E402
+from paperstudy.ranking import (  # noqa: E402, F401  (re-exported: the study's public names)
+    ANSWER_CLASSES,
+    CORRECT_CLASSES,
+    HEADLINE_PAIRS,
+    pair_agreement,
+    partially_correct_solution,
+    ranking_analysis,
+    ranking_answer_sets,
 )
-
-
-class StudyError(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"paper_study: {message}")
-
-
-# ----------------------------------------------------------------------------------------------------- ranking sets
-
-
-def partially_correct_solution(problem, delta: int) -> str:
-    """The concise solution with every step right except the last result (and so the answer), off by `delta`."""
-    from sarkern.tasks import format_final_answer
-
-    *head, last = problem.equations
-    left, _ = last.split("=")
-    wrong = problem.answer + delta
-    return " ".join(f"{eq}." for eq in (*head, f"{left}={wrong}")) + " " + format_final_answer(wrong)
-
-
-def ranking_answer_sets(num_problems: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Held-out problems with answers of each class of `ANSWER_CLASSES`, written by the task's generator.
-
-    Each item is `{"question", "answer", "answers": {class: [text, ...]}}`. Partially correct answers get the last
-    result wrong by 1 or 2 (two answers); wrong answers are the concise solutions of two other problems with as
-    many steps and a different answer. Every label is checked with the training reward (`correctness_reward`).
-    """
-    from sarkern.rewards import correctness_reward
-    from sarkern.tasks import Verbosity, generate_problems
-
-    problems = generate_problems(num_problems, seed, split="test")
-    sets = []
-    for index, problem in enumerate(problems):
-        others = [
-            other
-            for other in problems[index + 1 :] + problems[:index]
-            if other.answer != problem.answer and len(other.equations) == len(problem.equations)
-        ][:2]
-        deltas = [d for d in (1, -1, 2, -2) if problem.answer + d >= 0][:2]
-        answers = {
-            "concise correct": [problem.solution(Verbosity.CONCISE)],
-            "restated correct": [problem.solution(Verbosity.RESTATED)],
-            "padded correct": [problem.solution(Verbosity.PADDED)],
-            "partially correct": [partially_correct_solution(problem, d) for d in deltas],
-            "wrong": [other.solution(Verbosity.CONCISE) for other in others],
-        }
-        for name, texts in answers.items():
-            scores = correctness_reward([None] * len(texts), texts, answer=[str(problem.answer)] * len(texts))
-            if any(score != float(name in CORRECT_CLASSES) for score in scores):
-                raise RuntimeError(f"ranking answer of class {name!r} mislabelled by correctness_reward: {texts}")
-        sets.append({"question": problem.question, "answer": str(problem.answer), "answers": answers})
-    return sets
-
-
-def ranking_analysis(model, tokenizer, answer_sets: list[dict[str, Any]]) -> dict[str, Any]:
-    """SAR of every answer, then per pair of classes the fraction of same-problem pairs in the paper's order."""
-    from sarkern import SelfAlignedReward
-    from sarkern.tasks import make_prompt
-
-    reward = SelfAlignedReward(model, tokenizer)
-    prompts, texts, keys = [], [], []
-    for index, item in enumerate(answer_sets):
-        for name, answers in item["answers"].items():
-            for text in answers:
-                prompts.append(make_prompt(item["question"]))
-                texts.append(text)
-                keys.append((index, name))
-    eos = tokenizer.eos_token_id
-    completion_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in texts]
-    was_training = model.training
-    model.eval()
-    try:
-        scores = reward(prompts, texts, completion_ids)
-    finally:
-        model.train(was_training)
-    by_problem: dict[int, dict[str, list[float]]] = {}
-    for (index, name), score in zip(keys, scores):
-        by_problem.setdefault(index, {}).setdefault(name, []).append(score)
-
-    problems = list(by_problem.values())
-    mean_sar = {name: statistics.fmean(s for c in problems for s in c[name]) for name in ANSWER_CLASSES}
-    return {"agreement": pair_agreement(problems), "mean_sar": mean_sar, "problems": len(answer_sets)}
-
-
-def pair_agreement(problems: list[dict[str, list[float]]]) -> dict[str, float]:
-    """For each pair of classes (better, worse) in `ANSWER_CLASSES` order: the fraction of same-problem pairs of
-    answers with score(better) > score(worse), a tie counting half. `problems` holds each problem's scores by class."""
-    agreement = {}
-    for better, worse in itertools.combinations(ANSWER_CLASSES, 2):
-        agree = total = 0.0
-        for classes in problems:
-            for high in classes[better]:
-                for low in classes[worse]:
-                    agree += 1.0 if high > low else 0.5 if high == low else 0.0
-                    total += 1
-        if total == 0:
-            raise ValueError(f"no pair of answers of classes {better!r} and {worse!r} to compare")
-        agreement[f"{better} > {worse}"] = agree / total
-    return agreement
-
+from paperstudy.settings import CONFIGURATIONS, SHARED_FIELDS, StudyError, StudySettings  # noqa: E402, F401
+from paperstudy.storage import (  # noqa: E402
+    create_once,
+    file_digest,
+    json_bytes,
+    replace_atomically,
+    study_lock,
+    write_atomic,
+    write_json,
+)
 
 # ------------------------------------------------------------------------------------------------------ evaluation
 
@@ -262,8 +121,24 @@ def load_for_eval(path: str | None):
 # ------------------------------------------------------------------------------------------------------------ study
 
 
+@contextlib.contextmanager
+def _setup_errors_as_study_errors(what: str):
+    """`sarkern train`'s bad-input errors (and Ctrl-C inside a run) in the study's words, naming `what` failed."""
+    from sarkern.cli import RunInterrupted, SetupError
+
+    try:
+        yield
+    except SetupError as err:
+        raise StudyError(f"{what}: {str(err.code).removeprefix('sarkern train: error: ')}") from None
+    except RunInterrupted as err:
+        raise KeyboardInterrupt(f"{what} {err}") from None
+
+
 class Study:
-    """One study directory: its settings, data, runs and report."""
+    """One study directory: its settings, data, runs and report.
+
+    Construction checks every setting and input first (`paperstudy.checks`) and writes only once all are good:
+    the manifest under the study's lock, the training data file once."""
 
     def __init__(
         self,
@@ -272,78 +147,125 @@ class Study:
         results_dir: Path,
         date: str | None = None,
         findings: str | None = None,
+        run_seeds: list[int] | None = None,
     ):
         self.settings = settings
         self.workdir = Path(workdir)
         self.results_dir = Path(results_dir)
-        for name in settings.configs:
-            if name not in CONFIGURATIONS:
-                raise StudyError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGURATIONS)}")
-        if settings.seeds < 1 or settings.steps < 1:
-            raise StudyError("need at least one seed and one step")
-        if settings.eval_dataset and not settings.dataset:
-            raise StudyError("--eval-dataset needs --dataset (the synthetic task has its own held-out split)")
-        self.manifest = self._open_manifest(date, findings)
+        self.run_seeds = run_seeds
+        check_settings(settings, run_seeds=run_seeds, date=date)
         self.synthetic = settings.dataset is None
-        self.train_path, self.eval_dataset = self._prepare_data()
+        train, self.eval_dataset, self.inputs = self._read_data()
+        check_model(settings, self.eval_dataset, train)
         self.answer_sets = ranking_answer_sets(settings.ranking_problems) if self.synthetic else None
+        stored = self._read_manifest()
+        if stored is not None:
+            check_resumable(stored, settings, self.inputs, self.workdir)
+        check_writable(self.workdir, "--workdir")
+        check_writable(self.results_dir, "--results-dir")
+        train_rows = None if train is None else self._train_file_bytes(train)
+        if train_rows is not None and self._train_file.exists():
+            self._check_train_file(self._train_file.read_bytes(), train_rows)
+        # Everything checked: from here on the study writes.
+        self.manifest = self._open_manifest(date, findings)
+        self.train_path = None
+        if train_rows is not None:
+            self._check_train_file(create_once(self._train_file, train_rows)[0], train_rows)
+            self.train_path = str(self._train_file)
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
 
-    def _open_manifest(self, date: str | None, findings: str | None) -> dict[str, Any]:
+    def _read_manifest(self) -> dict[str, Any] | None:
         path = self.workdir / "study.json"
-        if path.exists():
+        if not path.exists():
+            return None
+        try:
             manifest = json.loads(path.read_text())
-            stored = manifest["settings"]
-            changed = [k for k in SHARED_FIELDS if stored.get(k) != getattr(self.settings, k)]
-            if changed:
-                detail = ", ".join(f"{k}: {stored.get(k)!r} -> {getattr(self.settings, k)!r}" for k in changed)
-                raise StudyError(
-                    f"{self.workdir} holds a study with other settings ({detail}); resume it with the same "
-                    "settings or choose another --workdir"
-                )
-            if date and date != manifest["date"]:
-                manifest["date"] = date
-            if not self.settings.note:  # the note given at the start stays unless a new one is given
-                self.settings.note = stored.get("note", "")
-        else:
-            manifest = {"date": date or datetime.date.today().isoformat(), "started": _now()}
-        manifest["settings"] = asdict(self.settings)
-        if findings is not None:
-            manifest["findings"] = findings
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, manifest)
+        except (OSError, ValueError) as err:
+            raise StudyError(f"{path} is unreadable ({err}); restore it, or choose another --workdir") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+            raise StudyError(f"{path} is not a study manifest; restore it, or choose another --workdir")
         return manifest
 
-    def _prepare_data(self):
-        """(training dataset path or None for the synthetic task, held-out dataset)."""
+    def _open_manifest(self, date: str | None, findings: str | None) -> dict[str, Any]:
+        """Create or update `study.json` under the lock, checking again what another process may have written since
+        the first check."""
+        with study_lock(self.workdir):
+            stored = self._read_manifest()
+            if stored is None:
+                manifest = {"date": date or datetime.date.today().isoformat(), "started": _now()}
+            else:
+                check_resumable(stored, self.settings, self.inputs, self.workdir)
+                manifest = stored
+                if date:
+                    manifest["date"] = date
+                if not self.settings.note:  # the note given at the start stays unless a new one is given
+                    self.settings.note = stored["settings"].get("note", "")
+            manifest["inputs"] = {**self.inputs, **manifest.get("inputs", {})}  # digests as first recorded
+            manifest["settings"] = asdict(self.settings)
+            if findings is not None:
+                manifest["findings"] = findings
+            write_json(self.workdir / "study.json", manifest)
+        return manifest
+
+    def _read_data(self):
+        """(training rows of `--dataset`, or None for the synthetic task; held-out rows; the digest of each input
+        file). Reads only; every row's answer is checked as `sarkern train` checks it."""
         from sarkern.tasks import DatasetFormatError, load_qa_file, synthetic_arithmetic_dataset
+        from sarkern.validation import check_answers_verifiable
 
         s = self.settings
         if self.synthetic:
-            return None, synthetic_arithmetic_dataset(s.eval_problems, seed=0, split="test")
-        try:
-            data = load_qa_file(s.dataset, question_column=s.question_column, answer_column=s.answer_column)
-            if s.eval_dataset:
-                held_out = load_qa_file(
-                    s.eval_dataset, question_column=s.question_column, answer_column=s.answer_column
+            return None, synthetic_arithmetic_dataset(s.eval_problems, seed=0, split="test"), {}
+        inputs, loaded = {}, {}
+        columns = {"question_column": s.question_column, "answer_column": s.answer_column}
+        for name in ("dataset", "eval_dataset"):
+            path = getattr(s, name)
+            if path is None:
+                continue
+            try:
+                digest = file_digest(path) if Path(path).is_file() else None  # before reading: what was read
+                loaded[name] = load_qa_file(path, **columns)
+            except (DatasetFormatError, OSError) as err:
+                raise StudyError(str(err)) from None
+            try:
+                check_answers_verifiable(loaded[name]["answer"])
+            except ValueError as err:
+                raise StudyError(f"{path}: {err}") from None
+            inputs[name] = {"path": str(Path(path).resolve()), "sha256": digest}
+        data = loaded["dataset"]
+        if "eval_dataset" in loaded:
+            held_out, train = loaded["eval_dataset"], data
+        else:  # a fixed, seeded slice of the dataset is held out and never trained on
+            if data.num_rows <= s.eval_problems:
+                raise StudyError(
+                    f"{s.dataset} has {data.num_rows} rows, not more than --eval-problems {s.eval_problems}"
                 )
-                train = data
-            else:  # a fixed, seeded slice of the dataset is held out and never trained on
-                if data.num_rows <= s.eval_problems:
-                    raise StudyError(f"{s.dataset} has {data.num_rows} rows, not more than --eval-problems")
-                order = list(range(data.num_rows))
-                random.Random(0).shuffle(order)
-                held_out, train = data.select(order[: s.eval_problems]), data.select(order[s.eval_problems :])
-        except DatasetFormatError as err:
-            raise StudyError(str(err)) from err
-        held_out = held_out.select(range(min(s.eval_problems, held_out.num_rows)))
-        train_path = self.workdir / "data" / "train.jsonl"
-        train_path.parent.mkdir(parents=True, exist_ok=True)
-        with train_path.open("w") as handle:
-            for prompt, answer in zip(train["prompt"], train["answer"]):
-                handle.write(json.dumps({"question": prompt[-1]["content"], "answer": answer}) + "\n")
-        return str(train_path), held_out
+            order = list(range(data.num_rows))
+            random.Random(0).shuffle(order)
+            held_out, train = data.select(order[: s.eval_problems]), data.select(order[s.eval_problems :])
+        if train.num_rows < s.prompts_per_step:
+            raise StudyError(
+                f"{s.dataset} leaves {train.num_rows} training rows, fewer than --prompts-per-step {s.prompts_per_step}"
+            )
+        return train, held_out.select(range(min(s.eval_problems, held_out.num_rows))), inputs
+
+    @property
+    def _train_file(self) -> Path:
+        return self.workdir / "data" / "train.jsonl"
+
+    @staticmethod
+    def _train_file_bytes(train) -> bytes:
+        """The training rows as `sarkern train` reads them (written once; every later start verifies them)."""
+        rows = zip(train["prompt"], train["answer"])
+        return "".join(json.dumps({"question": p[-1]["content"], "answer": a}) + "\n" for p, a in rows).encode()
+
+    def _check_train_file(self, held: bytes, expected: bytes) -> None:
+        if held != expected:
+            raise StudyError(
+                f"{self._train_file} no longer holds the training rows of {self.settings.dataset} (its file changed "
+                "after the study wrote it); delete it to have it written again, or choose another --workdir"
+            )
 
     def run_dir(self, config: str, seed: int) -> Path:
         return self.workdir / "runs" / config / f"seed-{seed}"
@@ -363,18 +285,19 @@ class Study:
     # ------------------------------------------------------------------------------------------------- the runs
 
     def base(self) -> dict[str, Any]:
-        """Evaluation (and ranking) of the model before any training."""
+        """Evaluation (and ranking) of the model before any training; the first process to finish it records it."""
         path = self.workdir / "base" / "result.json"
         if path.exists():
             return json.loads(path.read_text())
         started = time.perf_counter()
-        model, tokenizer = load_for_eval(self.settings.model)
+        with _setup_errors_as_study_errors("the model before training"):
+            model, tokenizer = load_for_eval(self.settings.model)
         result = {"config": "before training", **evaluate(model, tokenizer, self.eval_dataset, self.settings)}
         if self.answer_sets is not None:
             result["ranking"] = ranking_analysis(model, tokenizer, self.answer_sets)
         result["wall_seconds"] = time.perf_counter() - started
-        _write_json(path, result)
-        return result
+        held, _ = create_once(path, json_bytes(result))
+        return json.loads(held)
 
     def train_options(self, config: str, seed: int):
         from sarkern.cli import TrainOptions
@@ -409,10 +332,14 @@ class Study:
         run_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         # The per-step table goes to the run's log; the progress bars (stderr) stay on the console.
-        with (run_dir / "train.log").open("a") as log, contextlib.redirect_stdout(log):
+        with (
+            _setup_errors_as_study_errors(f"run {config} seed {seed}"),
+            (run_dir / "train.log").open("a") as log,
+            contextlib.redirect_stdout(log),
+        ):
             run_train(self.train_options(config, seed))
-        train_wall = time.perf_counter() - started
-        model, tokenizer = load_for_eval(str(run_dir / "final"))
+            train_wall = time.perf_counter() - started
+            model, tokenizer = load_for_eval(str(run_dir / "final"))
         result = {
             "config": config,
             "seed": seed,
@@ -423,40 +350,43 @@ class Study:
         if self.answer_sets is not None:
             result["ranking"] = ranking_analysis(model, tokenizer, self.answer_sets)
         result["wall_seconds"] = time.perf_counter() - started
-        _write_json(result_path, result)
+        held, _ = create_once(result_path, json_bytes(result))  # a process that evaluated it first keeps its numbers
         for checkpoint in run_dir.glob("checkpoint-*"):  # the final model stays; resume state is no longer needed
             shutil.rmtree(checkpoint, ignore_errors=True)
         del model
         gc.collect()
-        return result
+        return json.loads(held)
 
-    def run_all(self, progress: bool = True, seeds: list[int] | None = None) -> None:
-        """Run the planned runs not yet finished; with `seeds`, only those seeds' runs (several processes can share
-        one work directory, each with its own seeds, when the first has written `base/`)."""
+    def run_all(self, progress: bool = True) -> None:
+        """Run the planned runs not yet finished; with `run_seeds`, only those seeds' runs (several processes can
+        share one work directory, each with its own seeds, when the first has written `base/`)."""
         from tqdm.auto import tqdm
 
-        if seeds is not None and not set(seeds) <= set(range(self.settings.seeds)):
-            raise StudyError(f"--run-seeds {seeds} are not all among the study's seeds 0..{self.settings.seeds - 1}")
         base = self.base()
         self.write_report()
+        seeds = self.run_seeds
         todo = [(config, seed) for config, seed in self.plan() if seeds is None or seed in seeds]
         bar = tqdm(total=len(todo), desc="paper study", unit="run", disable=not progress, position=0)
-        for config, seed in todo:
-            already = (self.run_dir(config, seed) / "result.json").exists()
-            bar.set_postfix_str(f"{config} seed {seed}" + (" (done)" if already else ""))
-            result = self.run(config, seed)
-            if not already:
-                self.write_report()
-                bar.write(
-                    f"{config} seed {seed}: greedy accuracy {result['greedy_accuracy']:.3f}, length "
-                    f"{result['greedy_length']:.1f} (before training: {base['greedy_accuracy']:.3f}, "
-                    f"{base['greedy_length']:.1f}), {result['wall_seconds'] / 60:.1f} min"
-                )
-            bar.update(1)
-        bar.close()
+        try:
+            for config, seed in todo:
+                already = (self.run_dir(config, seed) / "result.json").exists()
+                bar.set_postfix_str(f"{config} seed {seed}" + (" (done)" if already else ""))
+                result = self.run(config, seed)
+                if not already:
+                    self.write_report()
+                    bar.write(
+                        f"{config} seed {seed}: greedy accuracy {result['greedy_accuracy']:.3f}, length "
+                        f"{result['greedy_length']:.1f} (before training: {base['greedy_accuracy']:.3f}, "
+                        f"{base['greedy_length']:.1f}), {result['wall_seconds'] / 60:.1f} min"
+                    )
+                bar.update(1)
+        finally:
+            bar.close()  # before any message, so that it starts on a line of its own
         if len(self.finished()) == len(self.plan()):
-            self.manifest.setdefault("finished", _now())
-            _write_json(self.workdir / "study.json", self.manifest)
+            with study_lock(self.workdir):
+                self.manifest = self._read_manifest() or self.manifest
+                self.manifest.setdefault("finished", _now())
+                write_json(self.workdir / "study.json", self.manifest)
         self.write_report()
 
     # ------------------------------------------------------------------------------------------------ the report
@@ -485,9 +415,9 @@ class Study:
             "summary": summary,
         }
         paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), "png": stem.with_suffix(".png")}
-        _write_json(paths["json"], data)
-        plot_pareto(data, paths["png"])
-        paths["md"].write_text(markdown_report(data, paths["png"].name))
+        write_json(paths["json"], data)
+        replace_atomically(paths["png"], lambda temporary: plot_pareto(data, temporary))
+        write_atomic(paths["md"], markdown_report(data, paths["png"].name).encode())
         return paths
 
 
@@ -796,7 +726,7 @@ def plot_pareto(data: dict[str, Any], out: Path) -> None:
     )
     rows = math.ceil(len(labels) / 4) if labels else 0
     fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))  # room for the legend below the panels
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format="png")  # `out` may be a temporary name
     plt.close(fig)
 
 
@@ -805,14 +735,6 @@ def plot_pareto(data: dict[str, Any], out: Path) -> None:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write through a temporary file, so a killed study never leaves half a JSON file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing a study write their own
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[StudySettings, argparse.Namespace]:
@@ -827,6 +749,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudySettings, argparse.N
     parser.add_argument("--date", default=None, help="date in the report's file name (default: the study's start)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs, no training")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument(
         "--run-seeds",
         nargs="+",
@@ -837,7 +760,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudySettings, argparse.N
     parser.add_argument(
         "--findings-file", default=None, help="markdown text for the report's Findings section (kept in the study)"
     )
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGURATIONS), default=defaults.configs)
+    parser.add_argument(
+        "--configs", nargs="+", choices=list(CONFIGURATIONS), default=defaults.configs, help="each at most once"
+    )
     for f in fields(StudySettings):
         if f.name == "configs":
             continue
@@ -852,17 +777,56 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudySettings, argparse.N
     return settings, args
 
 
+def run_study(argv: list[str]) -> None:
+    settings, args = parse_args(argv)
+    findings = read_findings(args.findings_file)
+    study = Study(
+        settings,
+        Path(args.workdir),
+        Path(args.results_dir),
+        date=args.date,
+        findings=findings,
+        run_seeds=args.run_seeds,
+    )
+    if not args.report_only:
+        study.run_all(progress=not args.no_progress)
+    paths = study.write_report()
+    print(f"paper_study: report in {paths['md']}, numbers in {paths['json']}, plot in {paths['png']}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """0 on success; otherwise one line on stderr and status 2 (bad input: nothing was written), 130 (Ctrl-C: the
+    line says how to resume) or 1 (any other failure; `--debug` shows the traceback)."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-    settings, args = parse_args(argv)
-    findings = Path(args.findings_file).read_text() if args.findings_file else None
-    study = Study(settings, Path(args.workdir), Path(args.results_dir), date=args.date, findings=findings)
-    if not args.report_only:
-        study.run_all(progress=not args.no_progress, seeds=args.run_seeds)
-    paths = study.write_report()
-    print(f"paper_study: report in {paths['md']}, numbers in {paths['json']}, plot in {paths['png']}", flush=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        run_study(argv)
+    except StudyError as err:
+        if debug:
+            raise
+        say(str(err.code))
+        return 2
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        where = f"{err}; " if str(err) else "interrupted; run the same command again to resume, "
+        say(f"paper_study: {where}finished runs are kept")
+        return 130
+    except SystemExit:
+        raise  # argparse's own usage errors and --help
+    except Exception as err:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
+        if debug:
+            raise
+        message = " ".join(str(err).split())
+        say(f"paper_study: error: {type(err).__name__}: {message} (rerun with --debug for the traceback)")
+        return 1
     return 0
 
 
