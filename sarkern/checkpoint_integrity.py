@@ -1,0 +1,139 @@
+"""What a resume may load from a checkpoint: exactly the files the run wrote, and nothing that can run code.
+
+Engines load parts of a checkpoint with full pickle: DeepSpeed's checkpoint engine calls
+`torch.load(weights_only=False)` on `global_step*/*.pt`, torch's distributed checkpoint `pickle.load`s its
+`.metadata`. So a file planted in an output directory (shared storage, in a multi-node run) would run code on every
+process that resumes. Two checks stand in front of every load, neither of which patches an engine:
+
+* a digest manifest: when a checkpoint is published, the size and sha256 of every file in it are written into its
+  tag file; before a resume, every file must be there, unchanged, and no other file may have appeared;
+* the content itself, for whoever rewrote the manifest too: every file that is not JSON, safetensors or one of the
+  engines' known text files must load with `torch.load(weights_only=True)` (torch's restricted unpickler, with the
+  few plain data classes DeepSpeed stores allowed by name), and `trainer_state.json` must hold this checkpoint's
+  step, within the run's plan.
+
+A checkpoint that fails either check is reported as damaged, naming the file and the cause (`DamagedCheckpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+TAG_FILE = "sarkern-checkpoint.json"
+# Files no loader unpickles: parsed as JSON, read as safetensors (a format that cannot hold code), or plain text
+# that DeepSpeed reads as text (`latest`) or never reads (`zero_to_fp32.py`, a script for users).
+_SAFE_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".jinja", ".py", ".png")
+_TEXT_FILES = ("latest",)
+# Torch's distributed checkpoint (FSDP2): raw tensor bytes and its pickled index; the manifest covers them.
+_DISTRIBUTED_CHECKPOINT = (".distcp", ".metadata")
+# Written for users and never loaded by a resume (transformers' pickled TrainingArguments): the manifest covers it.
+_NOT_LOADED = ("training_args.bin",)
+_CHUNK = 1 << 20
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that must not be resumed from; `str()` names the file and the cause."""
+
+
+def file_digests(folder: Path) -> dict[str, dict]:
+    """The size and sha256 of every file under `folder` (its tag file excepted), by path relative to it."""
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise DamagedCheckpoint(f"{path} is a symbolic link; a checkpoint holds only its own files")
+        if path.is_file() and path.relative_to(folder).as_posix() != TAG_FILE:
+            digests[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return digests
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(folder: Path, *, step: int, max_step: int) -> None:
+    """Raise `DamagedCheckpoint` unless `folder` (checkpoint-`step`) holds exactly the files its run wrote, none of
+    which can run code on load, and a trainer state at `step`, no further than the run's `max_step`."""
+    try:
+        tag = json.loads((folder / TAG_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"{folder / TAG_FILE} is unreadable ({err})") from None
+    written = tag.get("files") if isinstance(tag, dict) else None
+    if not isinstance(written, dict):
+        raise DamagedCheckpoint(f"{folder / TAG_FILE} holds no digests of the checkpoint's files")
+    present = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            raise DamagedCheckpoint(f"{path} is a symbolic link; a checkpoint holds only its own files")
+        if path.is_file() and name != TAG_FILE:
+            present[name] = path
+    for name in sorted(set(present) - set(written)):
+        raise DamagedCheckpoint(f"{present[name]} is not one of the files the run wrote into the checkpoint")
+    for name, expected in sorted(written.items()):
+        path = folder / name
+        if name not in present:
+            raise DamagedCheckpoint(f"{path} is missing")
+        size = path.stat().st_size
+        if not isinstance(expected, dict) or size != expected.get("size"):
+            raise DamagedCheckpoint(f"{path} is {size} bytes, but the run wrote {expected.get('size')} (truncated?)")
+        if _sha256(path) != expected.get("sha256"):
+            raise DamagedCheckpoint(f"{path} differs from the file the run wrote (its sha256 does not match)")
+    _check_trainer_state(folder / "trainer_state.json", step=step, max_step=max_step)
+    for path in present.values():
+        if _unpickled_on_load(path):
+            check_loads_without_code(path)
+
+
+def _unpickled_on_load(path: Path) -> bool:
+    """Whether a loader may unpickle this file: everything but the formats and files named above."""
+    known = path.suffix in _SAFE_SUFFIXES + _DISTRIBUTED_CHECKPOINT or path.name in _TEXT_FILES + _NOT_LOADED
+    return not known
+
+
+def _check_trainer_state(path: Path, *, step: int, max_step: int) -> None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"{path} is not a readable trainer state ({' '.join(str(err).split())})") from None
+    global_step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(global_step, int) or isinstance(global_step, bool) or global_step != step:
+        raise DamagedCheckpoint(f"{path} records global_step {global_step!r}, not this checkpoint's step {step}")
+    if step > max_step:
+        raise DamagedCheckpoint(f"{path} is at step {step}, beyond the run's {max_step} steps")
+
+
+def _deepspeed_data_classes() -> list:
+    """Plain data classes DeepSpeed puts in its checkpoints, which unpickle without running code."""
+    if "deepspeed" not in sys.modules:  # no DeepSpeed engine in this process, nothing else admits these classes
+        return []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def check_loads_without_code(path: Path) -> None:
+    """Refuse a file that torch's restricted unpickler will not load: whatever loads it later (with full pickle,
+    as DeepSpeed does) then meets only tensors, containers and the allowed data classes."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals as numpy_rng_classes  # what transformers allows, too
+
+    if not zipfile.is_zipfile(path):  # torch.save's format; a bare pickle is what a planted file would be
+        raise DamagedCheckpoint(f"{path} is not a torch.save archive; it is refused unread")
+    try:
+        with numpy_rng_classes(), torch.serialization.safe_globals(_deepspeed_data_classes()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any refusal or damage means: do not load this file
+        reason = " ".join(str(err).split()[:40])
+        raise DamagedCheckpoint(f"{path} does not load as weights only ({type(err).__name__}: {reason})") from None
