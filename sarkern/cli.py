@@ -433,7 +433,7 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
 
 def _changed_options_message(output_dir: Path, changed: dict[str, tuple]) -> str:
     listed = ", ".join(f"{flag(name)} (recorded {old!r}, now {new!r})" for name, (old, new) in sorted(changed.items()))
-    may_change = ", ".join(flag(name) for name in MAY_CHANGE_ON_RESUME if name != "resume")
+    may_change = ", ".join(flag(name) for name in MAY_CHANGE_ON_RESUME if name not in ("output_dir", "resume"))
     return (
         f"cannot resume the run in {output_dir} with changed options that define it: {listed}. Rerun with the "
         f"recorded values, or pass --no-resume to start a new run there, or use another --output-dir (a resume "

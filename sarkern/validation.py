@@ -130,7 +130,10 @@ def fit_prompts(
     lengths = prompt_lengths(dataset, tokenizer)
     what = ["a prompt"] * len(lengths)
     if placeholder is not None:
-        for row, length in enumerate(_placeholder_lengths(dataset, tokenizer, placeholder, chat_template_kwargs, room)):
+        placeholder_lengths = _placeholder_lengths(
+            dataset, tokenizer, placeholder, chat_template_kwargs, room=room, positions=max_positions
+        )
+        for row, length in enumerate(placeholder_lengths):
             if length > lengths[row]:
                 lengths[row], what[row] = length, "a SAR placeholder prompt (its system message kept)"
     too_long = [i for i, n in enumerate(lengths) if n > room]
@@ -148,7 +151,7 @@ def fit_prompts(
     return dataset.select(keep), len(too_long)
 
 
-def _placeholder_lengths(dataset, tokenizer, preset: str, chat_template_kwargs, room: int) -> list[int]:
+def _placeholder_lengths(dataset, tokenizer, preset: str, chat_template_kwargs, *, room: int, positions: int):
     """The length of the placeholder prompt SAR scores each row's completions after (`PlaceholderPrompts`, as the
     scorer builds them); a shared placeholder longer than `room` is refused here, naming the preset."""
     from .placeholder import PlaceholderPrompts
@@ -158,8 +161,9 @@ def _placeholder_lengths(dataset, tokenizer, preset: str, chat_template_kwargs, 
     if shared > room:
         raise ValueError(
             f"SAR's placeholder prompt (--placeholder {preset}) is {shared} tokens, more than the {room} that the "
-            "model's positions leave beside max_completion_length: lower --max-completion-length by at least "
-            f"{shared - room}" + (", or use --placeholder template" if preset == "paper" else "")
+            f"model's {positions} positions leave beside max_completion_length {positions - room}: lower "
+            f"--max-completion-length by at least {shared - room}"
+            + (", or use --placeholder template" if preset == "paper" else "")
         )
     return [len(ids) for ids in placeholders.for_prompts(dataset["prompt"])]
 
