@@ -7,10 +7,11 @@ process that resumes. Two checks stand in front of every load, neither of which 
 
 * a digest manifest: when a checkpoint is published, the size and sha256 of every file in it are written into its
   tag file; before a resume, every file must be there, unchanged, and no other file may have appeared;
-* the content itself, for whoever rewrote the manifest too: every file that is not JSON, safetensors or one of the
-  engines' known text files must load with `torch.load(weights_only=True)` (torch's restricted unpickler, with the
-  few plain data classes DeepSpeed stores allowed by name), and `trainer_state.json` must hold this checkpoint's
-  step, within the run's plan.
+* the content itself, for whoever rewrote the manifest too: every file an engine unpickles must load with
+  `torch.load(weights_only=True)` (torch's restricted unpickler, with the few plain data classes DeepSpeed and
+  transformers store allowed by name), the distributed-checkpoint index with an unpickler restricted to its own
+  metadata classes (and the non-tensor items its shards hold, which it loads with full pickle, weights only), and
+  `trainer_state.json` must hold this checkpoint's step, within the run's plan.
 
 A checkpoint that fails either check is reported as damaged, naming the file and the cause (`DamagedCheckpoint`).
 """
@@ -18,19 +19,20 @@ A checkpoint that fails either check is reported as damaged, naming the file and
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import pickle
 import sys
 import zipfile
 from pathlib import Path
 
 TAG_FILE = "sarkern-checkpoint.json"
-# Files no loader unpickles: parsed as JSON, read as safetensors (a format that cannot hold code), or plain text
-# that DeepSpeed reads as text (`latest`) or never reads (`zero_to_fp32.py`, a script for users).
-_SAFE_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".jinja", ".py", ".png")
-_TEXT_FILES = ("latest",)
-# Torch's distributed checkpoint (FSDP2): raw tensor bytes and its pickled index; the manifest covers them.
-_DISTRIBUTED_CHECKPOINT = (".distcp", ".metadata")
-# Written for users and never loaded by a resume (transformers' pickled TrainingArguments): the manifest covers it.
+# What the engines unpickle when they resume: torch.save files (DeepSpeed's `global_step*/*.pt` with full pickle;
+# transformers' optimizer, scheduler, RNG states weights-only) and torch's distributed-checkpoint index (FSDP2).
+# Every other file is parsed as what it is (JSON, safetensors, tokenizer and text files) and covered by its digest.
+_TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+_DISTRIBUTED_CHECKPOINT_INDEX = ".metadata"
+# Written for users and never loaded on resume (transformers' pickled TrainingArguments): the digest covers it.
 _NOT_LOADED = ("training_args.bin",)
 _CHUNK = 1 << 20
 
@@ -88,14 +90,18 @@ def verify_checkpoint(folder: Path, *, step: int, max_step: int) -> None:
             raise DamagedCheckpoint(f"{path} differs from the file the run wrote (its sha256 does not match)")
     _check_trainer_state(folder / "trainer_state.json", step=step, max_step=max_step)
     for path in present.values():
-        if _unpickled_on_load(path):
+        if path.name.endswith(_DISTRIBUTED_CHECKPOINT_INDEX):
+            check_distributed_checkpoint(path)
+        elif _unpickled_on_load(path, folder):
             check_loads_without_code(path)
 
 
-def _unpickled_on_load(path: Path) -> bool:
-    """Whether a loader may unpickle this file: everything but the formats and files named above."""
-    known = path.suffix in _SAFE_SUFFIXES + _DISTRIBUTED_CHECKPOINT or path.name in _TEXT_FILES + _NOT_LOADED
-    return not known
+def _unpickled_on_load(path: Path, folder: Path) -> bool:
+    """Whether an engine may unpickle this file on resume (anything DeepSpeed finds under `global_step*/` too)."""
+    if path.name in _NOT_LOADED:
+        return False
+    under_deepspeed = any(part.startswith("global_step") for part in path.relative_to(folder).parts[:-1])
+    return under_deepspeed or path.suffix in _TORCH_SAVE_SUFFIXES
 
 
 def _check_trainer_state(path: Path, *, step: int, max_step: int) -> None:
@@ -137,3 +143,68 @@ def check_loads_without_code(path: Path) -> None:
     except Exception as err:  # noqa: BLE001 - any refusal or damage means: do not load this file
         reason = " ".join(str(err).split()[:40])
         raise DamagedCheckpoint(f"{path} does not load as weights only ({type(err).__name__}: {reason})") from None
+
+
+# What torch's distributed-checkpoint index (`.metadata`, a plain pickle) is made of: the data classes defined in
+# these modules (never a function, nor anything they import), dtypes, memory formats and the few names below.
+_INDEX_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
+_INDEX_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout by its name
+    ("pathlib", "PosixPath"),  # where the checkpoint was written
+    ("pathlib", "WindowsPath"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        import torch
+
+        if (module, name) in _INDEX_GLOBALS:
+            return super().find_class(module, name)
+        if module in _INDEX_MODULES or module == "torch":
+            found = super().find_class(module, name)
+            if module != "torch" and isinstance(found, type) and found.__module__ == module:
+                return found
+            if module == "torch" and isinstance(found, (torch.dtype, torch.memory_format)):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a distributed-checkpoint index")
+
+
+def check_distributed_checkpoint(index: Path) -> None:
+    """Refuse a distributed checkpoint whose index (`.metadata`) references anything but its own metadata classes,
+    or whose non-tensor items (stored with torch.save inside the shards, loaded back with full pickle) do not load
+    as weights only."""
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        with index.open("rb") as handle:
+            metadata = _IndexUnpickler(handle).load()
+        items = [(key, info) for key, info in (metadata.storage_data or {}).items()]
+        kinds = metadata.state_dict_metadata
+    except Exception as err:  # noqa: BLE001 - any refusal or damage means: do not load this checkpoint
+        reason = " ".join(str(err).split()[:40])
+        raise DamagedCheckpoint(f"{index} is not a plain distributed-checkpoint index ({reason})") from None
+    for key, info in items:
+        if not isinstance(kinds.get(key.fqn), BytesStorageMetadata):
+            continue  # a tensor: torch's reader loads it weights only
+        shard = index.parent / info.relative_path
+        if info.transform_descriptors:
+            raise DamagedCheckpoint(f"{shard}: item {key.fqn!r} is stored transformed and cannot be checked")
+        try:
+            with shard.open("rb") as handle:
+                handle.seek(info.offset)
+                data = io.BytesIO(handle.read(info.length))
+            with torch.serialization.safe_globals(_deepspeed_data_classes()):
+                torch.load(data, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            reason = " ".join(str(err).split()[:40])
+            raise DamagedCheckpoint(
+                f"{shard}: item {key.fqn!r} does not load as weights only ({type(err).__name__}: {reason})"
+            ) from None

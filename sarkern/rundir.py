@@ -177,11 +177,20 @@ def publish_checkpoint(staged: Path, final: Path, run_id: str | None) -> None:
     _fsync_dir(final.parent)
 
 
-def rotate_checkpoints(output_dir: Path, run_id: str | None, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints of this run (all of them when `keep` is None)."""
+def rotate_checkpoints(output_dir: Path, run_id: str | None, keep: int | None, step: int | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints of this run up to `step` (all of them when `keep` is None).
+
+    Checkpoints beyond `step` are damaged ones a resume passed over: they must not take the places of intact ones."""
     if not keep or keep < 1:
         return
-    mine = sorted((p for p, owner in sarkern_checkpoints(output_dir).items() if owner == run_id), key=checkpoint_step)
+    mine = sorted(
+        (
+            p
+            for p, owner in sarkern_checkpoints(output_dir).items()
+            if owner == run_id and (step is None or checkpoint_step(p) <= step)
+        ),
+        key=checkpoint_step,
+    )
     for path in mine[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -223,7 +232,7 @@ class AtomicCheckpoints:
                 staging.rmdir()  # only when nothing else is staged there
             except OSError:
                 pass
-            rotate_checkpoints(run_dir, self.sarkern_run_id, self.args.save_total_limit)
+            rotate_checkpoints(run_dir, self.sarkern_run_id, self.args.save_total_limit, self.state.global_step)
         self.accelerator.wait_for_everyone()
 
     def create_model_card(self, *args, **kwargs):
@@ -316,7 +325,7 @@ class RunDirectory:
     def read_identity(self) -> dict | None:
         return read_run_record(self.path)
 
-    def prepare(self, *, resume: bool, steps: int, options: dict | None = None) -> Path | None:
+    def prepare(self, *, resume: bool, steps: int, options: dict) -> Path | None:
         """Settle which run this is and return the checkpoint to resume from (None: start at step 0).
 
         Resuming keeps the recorded run; a directory without one, or `resume=False`, gets a new run whose identity
@@ -325,7 +334,7 @@ class RunDirectory:
         `self.passed_over` says (there) which newer checkpoints were damaged. On return `self.status` says whether
         the run has already finished."""
         if self.main_process:
-            self._prepare_main(resume=resume, steps=steps, options=options or {})
+            self._prepare_main(resume=resume, steps=steps, options=options)
         self.barrier()
         record = self.read_identity() or {}
         self.run_id, self.status = record.get("run_id"), record.get("status")

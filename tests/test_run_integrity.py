@@ -4,6 +4,7 @@ with or damaged, and the same command is run again."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -70,6 +71,10 @@ def stopped_run(tmp_path_factory) -> Path:
     (out / "sarkern-run.json").write_text(json.dumps({**record, "status": "running"}))
     assert (out / "checkpoint-1").is_dir() and (out / "checkpoint-2").is_dir()
     return out
+
+
+def recorded_options(out: Path) -> dict:
+    return json.loads((out / "sarkern-run.json").read_text())["options"]
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
@@ -160,7 +165,7 @@ def test_every_kind_of_damage_is_named_and_passed_over_without_loading_it(stoppe
     marker = tmp_path / "code-ran"
     named = _damage(kind, out / "checkpoint-2", marker)
     with RunDirectory.open(out) as run:
-        resume_from = run.prepare(resume=True, steps=2)
+        resume_from = run.prepare(resume=True, steps=2, options=recorded_options(out))
     assert resume_from == out / "checkpoint-1"
     assert len(run.passed_over) == 1 and run.passed_over[0].startswith("checkpoint-2 is damaged: ")
     assert named in run.passed_over[0]
@@ -175,7 +180,7 @@ def test_a_checkpoint_beyond_the_plan_is_never_taken_as_finished(stopped_run, tm
     state.write_text(json.dumps({**json.loads(state.read_text()), "global_step": 8}))
     rewrite_manifest(out / "checkpoint-8")
     with RunDirectory.open(out) as run:
-        assert run.prepare(resume=True, steps=2) == out / "checkpoint-2"
+        assert run.prepare(resume=True, steps=2, options=recorded_options(out)) == out / "checkpoint-2"
     assert run.passed_over == [f"checkpoint-8 is damaged: {state} is at step 8, beyond the run's 2 steps"]
 
 
@@ -260,3 +265,53 @@ def test_a_planted_pickle_never_runs_on_a_zero3_resume(tmp_path, free_port):
     assert "no intact checkpoint is left" in again.stdout and "starting this run over from step 0" in again.stdout
     assert "(DeepSpeed ZeRO-3)" in again.stdout
     assert steps_in(out) == [1, 2]
+
+
+def test_a_distributed_checkpoint_is_checked_without_unpickling_it(tmp_path):
+    """FSDP2's sharded checkpoints (torch's distributed checkpoint) `pickle.load` their index and load non-tensor
+    items with full pickle: both are checked with restricted unpicklers, and what torch wrote passes."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from sarkern.checkpoint_integrity import DamagedCheckpoint, check_distributed_checkpoint
+
+    marker = tmp_path / "code-ran"
+    written = tmp_path / "pytorch_model_fsdp_0"
+    dcp.save({"model": {"w": torch.randn(3, 4)}, "step": 3, "lr": [1e-3]}, checkpoint_id=str(written))
+    check_distributed_checkpoint(written / ".metadata")
+
+    planted = tmp_path / "planted"
+    shutil.copytree(written, planted)
+    (planted / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(DamagedCheckpoint, match="not a plain distributed-checkpoint index .*posix.system"):
+        check_distributed_checkpoint(planted / ".metadata")
+
+    # A non-tensor item replaced by a pickle of the same length that runs code.
+    item = tmp_path / "item"
+    shutil.copytree(written, item)
+    shard = next(item.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    evil = io.BytesIO()
+    torch.save(RunsCode(marker), evil)
+    index = pickle.loads((item / ".metadata").read_bytes())
+    key = next(k for k in index.storage_data if k.fqn == "step")
+    info = index.storage_data[key]
+    data[info.offset : info.offset + info.length] = evil.getvalue()
+    shard.write_bytes(bytes(data))
+    info.length = len(evil.getvalue())
+    (item / ".metadata").write_bytes(pickle.dumps(index))
+    with pytest.raises(DamagedCheckpoint, match="item 'step' does not load as weights only"):
+        check_distributed_checkpoint(item / ".metadata")
+    assert not marker.exists()
+
+
+def test_a_damaged_checkpoint_beyond_the_resumed_step_never_pushes_an_intact_one_out(stopped_run, tmp_path):
+    """Rotation (save_total_limit) keeps the newest checkpoints up to the step just saved: a damaged newer one a
+    resume passed over does not count, so the intact ones stay."""
+    from sarkern.rundir import rotate_checkpoints
+
+    out = copy_of(stopped_run, tmp_path)
+    run_id = json.loads((out / "sarkern-run.json").read_text())["run_id"]
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-8")
+    rotate_checkpoints(out, run_id, keep=1, step=2)
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-8").is_dir() and not (out / "checkpoint-1").exists()
