@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 
@@ -92,16 +91,15 @@ def verify_checkpoint(folder: Path, *, step: int, max_step: int) -> None:
     for path in present.values():
         if path.name.endswith(_DISTRIBUTED_CHECKPOINT_INDEX):
             check_distributed_checkpoint(path)
-        elif _unpickled_on_load(path, folder):
+        elif _under_deepspeed(path, folder):
+            check_loads_without_code(path, _deepspeed_data_classes())
+        elif path.suffix in _TORCH_SAVE_SUFFIXES and path.name not in _NOT_LOADED:
             check_loads_without_code(path)
 
 
-def _unpickled_on_load(path: Path, folder: Path) -> bool:
-    """Whether an engine may unpickle this file on resume (anything DeepSpeed finds under `global_step*/` too)."""
-    if path.name in _NOT_LOADED:
-        return False
-    under_deepspeed = any(part.startswith("global_step") for part in path.relative_to(folder).parts[:-1])
-    return under_deepspeed or path.suffix in _TORCH_SAVE_SUFFIXES
+def _under_deepspeed(path: Path, folder: Path) -> bool:
+    """Whether the file is in a DeepSpeed checkpoint folder, where DeepSpeed may `torch.load` any file."""
+    return any(part.startswith("global_step") for part in path.relative_to(folder).parts[:-1])
 
 
 def _check_trainer_state(path: Path, *, step: int, max_step: int) -> None:
@@ -118,8 +116,6 @@ def _check_trainer_state(path: Path, *, step: int, max_step: int) -> None:
 
 def _deepspeed_data_classes() -> list:
     """Plain data classes DeepSpeed puts in its checkpoints, which unpickle without running code."""
-    if "deepspeed" not in sys.modules:  # no DeepSpeed engine in this process, nothing else admits these classes
-        return []
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -129,16 +125,17 @@ def _deepspeed_data_classes() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def check_loads_without_code(path: Path) -> None:
-    """Refuse a file that torch's restricted unpickler will not load: whatever loads it later (with full pickle,
-    as DeepSpeed does) then meets only tensors, containers and the allowed data classes."""
+def check_loads_without_code(path: Path, allowed_classes: list = ()) -> None:
+    """Refuse a file that torch's restricted unpickler will not load (with `allowed_classes` besides what
+    transformers allows): whatever loads it later (with full pickle, as DeepSpeed does) then meets only tensors,
+    containers and those classes."""
     import torch
     from transformers.trainer_pt_utils import safe_globals as numpy_rng_classes  # what transformers allows, too
 
     if not zipfile.is_zipfile(path):  # torch.save's format; a bare pickle is what a planted file would be
         raise DamagedCheckpoint(f"{path} is not a torch.save archive; it is refused unread")
     try:
-        with numpy_rng_classes(), torch.serialization.safe_globals(_deepspeed_data_classes()):
+        with numpy_rng_classes(), torch.serialization.safe_globals(list(allowed_classes)):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any refusal or damage means: do not load this file
         reason = " ".join(str(err).split()[:40])
@@ -201,8 +198,7 @@ def check_distributed_checkpoint(index: Path) -> None:
             with shard.open("rb") as handle:
                 handle.seek(info.offset)
                 data = io.BytesIO(handle.read(info.length))
-            with torch.serialization.safe_globals(_deepspeed_data_classes()):
-                torch.load(data, map_location="cpu", weights_only=True)
+            torch.load(data, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
             reason = " ".join(str(err).split()[:40])
             raise DamagedCheckpoint(

@@ -236,35 +236,35 @@ def test_every_option_either_defines_the_run_or_may_change_on_resume():
 
 def test_a_planted_pickle_never_runs_on_a_zero3_resume(tmp_path, free_port):
     """DeepSpeed loads `global_step*/*.pt` with full pickle. Two CPU processes under the shipped ZeRO-3 config are
-    killed while they write checkpoint-2, after checkpoint-1; every `.pt` of checkpoint-1 is replaced by a pickle
-    that runs a shell command, and its digests rewritten to match; the same command again must not run it, name
-    the file, and start the run over."""
+    killed while they write checkpoint-3; every `.pt` of checkpoint-2 is replaced by a pickle that runs a shell
+    command, and its digests rewritten to match. The same command again must not run it: it names the file and
+    resumes (under ZeRO-3, through DeepSpeed's loader) from the intact checkpoint-1."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port),
     ]  # fmt: skip
-    argv = train_argv(out)
+    argv = ["train", "--steps", "3", "--save-steps", "1", "--output-dir", str(out), *QUICK]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
-        [*launch, str(FAULTS), "kill-in-checkpoint", "2", *argv], capture_output=True, text=True, timeout=600, env=env
+        [*launch, str(FAULTS), "kill-in-checkpoint", "3", *argv], capture_output=True, text=True, timeout=600, env=env
     )
-    assert killed.returncode != 0 and (out / "checkpoint-1" / "global_step1").is_dir(), killed.stderr[-3000:]
-    assert not (out / "checkpoint-2").exists()
-    planted = sorted((out / "checkpoint-1" / "global_step1").glob("*.pt"))
+    assert killed.returncode != 0 and (out / "checkpoint-2" / "global_step2").is_dir(), killed.stderr[-3000:]
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-3").exists()
+    planted = sorted((out / "checkpoint-2" / "global_step2").glob("*.pt"))
     assert len(planted) == 4  # model and optimizer states of each process
     for path in planted:
         plant(path, marker)
-    rewrite_manifest(out / "checkpoint-1")
+    rewrite_manifest(out / "checkpoint-2")
 
     again = subprocess.run([*launch, "-m", "sarkern.cli", *argv], capture_output=True, text=True, timeout=600, env=env)
     assert not marker.exists(), "the planted pickle ran"
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"sarkern train: checkpoint-1 is damaged: {planted[0]} does not load as weights only" in again.stdout
-    assert "no intact checkpoint is left" in again.stdout and "starting this run over from step 0" in again.stdout
-    assert "(DeepSpeed ZeRO-3)" in again.stdout
-    assert steps_in(out) == [1, 2]
+    assert (f"sarkern train: checkpoint-2 is damaged: {planted[0]} does not load as weights only") in again.stdout
+    assert f"falling back to {out / 'checkpoint-1'}" in again.stdout
+    assert f"resuming from {out / 'checkpoint-1'}; 2 process(es) on cpu:0 (DeepSpeed ZeRO-3)" in again.stdout
+    assert steps_in(out) == [1, 2, 3]
 
 
 def test_a_distributed_checkpoint_is_checked_without_unpickling_it(tmp_path):
