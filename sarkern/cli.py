@@ -7,8 +7,9 @@
 
 Writes to the output directory: `metrics.jsonl` (one line per step), `metrics.png` (reward, accuracy and completion
 length against step), `checkpoint-*` folders, the final model in `final/`, and `sarkern-run.json` (the run's
-identity). A run restarted with the same output directory resumes from its newest complete checkpoint, whatever
-stopped it; a finished run says so and exits; `--no-resume` starts a new run there. Every option and the dataset
+identity and the options that define it). A run restarted with the same output directory resumes from its newest
+intact checkpoint, whatever stopped it, and only with the options it was started with (`MAY_CHANGE_ON_RESUME`
+excepted); a finished run says so and exits; `--no-resume` starts a new run there. Every option and the dataset
 are checked before the first step; errors are one line (`--debug` shows the traceback).
 """
 
