@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("trl")
 
 from sarkern import cli  # noqa: E402
-from sarkern.checkpoint_integrity import TAG_FILE, file_digests  # noqa: E402
+from sarkern.checkpoint_integrity import TAG_FILE, file_digests, verify_checkpoint  # noqa: E402
 from sarkern.rundir import RunDirectory  # noqa: E402
 from sarkern.tiny import TINY_MODEL_DIR  # noqa: E402
 
@@ -103,7 +103,8 @@ def test_a_truncated_newest_checkpoint_is_named_and_the_previous_one_resumed(sto
     ) in stdout
     assert f"resuming from {out / 'checkpoint-1'}" in stdout
     assert steps_in(out) == [1, 2]
-    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "final" / "model.safetensors").is_file()
+    verify_checkpoint(out / "checkpoint-2", step=2, max_step=2)  # the damaged one, replaced by an intact one
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def _damage(kind: str, checkpoint: Path, marker: Path) -> str:
