@@ -153,19 +153,21 @@ def fit_prompts(
 
 def _placeholder_lengths(dataset, tokenizer, preset: str, chat_template_kwargs, *, room: int, positions: int):
     """The length of the placeholder prompt SAR scores each row's completions after (`PlaceholderPrompts`, as the
-    scorer builds them); a shared placeholder longer than `room` is refused here, naming the preset."""
+    scorer builds them); the shared placeholder, when a row uses it and it is longer than `room`, is refused here,
+    naming the preset."""
     from .placeholder import PlaceholderPrompts
 
     placeholders = PlaceholderPrompts(tokenizer, preset=preset, chat_template_kwargs=chat_template_kwargs)
+    per_row = placeholders.for_prompts(dataset["prompt"])
     shared = len(placeholders.default)
-    if shared > room:
+    if shared > room and any(ids == placeholders.default for ids in per_row):
         raise ValueError(
             f"SAR's placeholder prompt (--placeholder {preset}) is {shared} tokens, more than the {room} that the "
             f"model's {positions} positions leave beside max_completion_length {positions - room}: lower "
             f"--max-completion-length by at least {shared - room}"
             + (", or use --placeholder template" if preset == "paper" else "")
         )
-    return [len(ids) for ids in placeholders.for_prompts(dataset["prompt"])]
+    return [len(ids) for ids in per_row]
 
 
 def check_answers_verifiable(answers, *, text_answers: bool = False) -> None:
