@@ -7,8 +7,9 @@
 
 Writes to the output directory: `metrics.jsonl` (one line per step), `metrics.png` (reward, accuracy and completion
 length against step), `checkpoint-*` folders, the final model in `final/`, and `sarkern-run.json` (the run's
-identity). A run restarted with the same output directory resumes from its newest complete checkpoint, whatever
-stopped it; a finished run says so and exits; `--no-resume` starts a new run there. Every option and the dataset
+identity and the options that define it). A run restarted with the same output directory resumes from its newest
+intact checkpoint, whatever stopped it, and only with the options it was started with (`MAY_CHANGE_ON_RESUME`
+excepted); a finished run says so and exits; `--no-resume` starts a new run there. Every option and the dataset
 are checked before the first step; errors are one line (`--debug` shows the traceback).
 """
 
@@ -61,6 +62,27 @@ class TrainOptions:
     text_answers: bool = False  # accept reference answers math-verify cannot parse, compared verbatim
     trust_remote_code: bool = False  # run Python code shipped in the model directory (never by default)
     debug: bool = False  # show tracebacks
+
+
+# Options a resume may change: where and how often the run saves, how it runs on the machine, what it prints. Every
+# other option defines the run (what it trains, on what, towards what, how): a resume that changes one would put
+# steps of two different runs in one directory, so it is refused (`run_defining_options`).
+MAY_CHANGE_ON_RESUME = (
+    "output_dir", "save_steps", "resume", "use_cpu", "gradient_checkpointing", "trust_remote_code", "debug",
+)  # fmt: skip
+
+
+def run_defining_options(options: TrainOptions) -> dict[str, Any]:
+    """The options that define the run, as recorded in `sarkern-run.json` (model and dataset as absolute paths)."""
+    defining = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in MAY_CHANGE_ON_RESUME}
+    for name in ("model", "dataset"):
+        if defining[name] is not None:
+            defining[name] = str(Path(defining[name]).resolve())
+    return defining
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,6 +288,8 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
             max_positions=getattr(model.config, "max_position_embeddings", None),
             max_completion_length=options.max_completion_length,
             drop=options.drop_long_prompts,
+            # SAR scores every completion after its placeholder prompt too (not with self_confidence or weight 0)
+            placeholder=options.placeholder if options.reward == "sar" and options.sar_weight != 0 else None,
         )
     except ValueError as err:
         raise SetupError(f"{options.dataset or 'synthetic task'}: {err}") from None
@@ -325,7 +349,15 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
 
     from .backends import requested_backend
     from .metrics import MetricsCallback, QuietProgressCallback, plot_metrics
-    from .rundir import RunDirectory, RunDirError, check_writable, checkpoint_step, newest_checkpoint, read_run_record
+    from .rundir import (
+        RunDirectory,
+        RunDirError,
+        changed_options,
+        check_writable,
+        checkpoint_step,
+        newest_checkpoint,
+        read_run_record,
+    )
     from .sharding import describe_engine
 
     output_dir = Path(options.output_dir)
@@ -333,8 +365,11 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         requested_backend()
         check_writable(output_dir)
         record = read_run_record(output_dir) if options.resume else None
+        changed = changed_options(output_dir, record, run_defining_options(options)) if record else {}
     except (ValueError, RunDirError) as err:
         raise SetupError(str(err)) from None
+    if changed:
+        raise SetupError(_changed_options_message(output_dir, changed))
     if record and record.get("status") == "finished":
         if os.environ.get("RANK", "0") == "0":  # the launcher's global rank; the trainer does not exist yet
             print(
@@ -354,7 +389,7 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         raise SetupError(str(err)) from None
     with run:
         try:
-            checkpoint = run.prepare(resume=options.resume, steps=options.steps)
+            checkpoint = run.prepare(resume=options.resume, steps=options.steps, options=run_defining_options(options))
         except RunDirError as err:
             raise SetupError(str(err)) from None
         main_process = trainer.accelerator.is_main_process
@@ -362,6 +397,10 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         trainer.sarkern_run_id = run.run_id
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgressCallback)
+        for damage in run.passed_over:  # a damaged newer checkpoint strands nothing: the next intact one is used
+            say(f"{damage}; {f'falling back to {checkpoint}' if checkpoint else 'no intact checkpoint is left'}")
+        if run.passed_over and checkpoint is None:
+            say("starting this run over from step 0")
         where = f"resuming from {checkpoint}" if checkpoint else "starting"
         engine = describe_engine(trainer.accelerator)  # what runs, never silently another engine than asked
         say(f"{where}; {trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device} ({engine})")
@@ -391,6 +430,16 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         run.mark_finished(options.steps)
         say(f"metrics in {metrics_path}, plot in {output_dir / 'metrics.png'}, model in {final}")
     return output_dir
+
+
+def _changed_options_message(output_dir: Path, changed: dict[str, tuple]) -> str:
+    listed = ", ".join(f"{flag(name)} (recorded {old!r}, now {new!r})" for name, (old, new) in sorted(changed.items()))
+    may_change = ", ".join(flag(name) for name in MAY_CHANGE_ON_RESUME if name not in ("output_dir", "resume"))
+    return (
+        f"cannot resume the run in {output_dir} with changed options that define it: {listed}. Rerun with the "
+        f"recorded values, or pass --no-resume to start a new run there, or use another --output-dir (a resume "
+        f"may change only {may_change})"
+    )
 
 
 def _end_process_group() -> None:

@@ -3,13 +3,17 @@
 A run killed at any moment (SIGKILL, Ctrl-C, a crash) leaves a directory that the next `sarkern train` can resume
 from, and two runs can never mix their files. What sarkern keeps there, and nothing else is ever overwritten:
 
-    sarkern-run.json     the run's identity (a random id) and status: "running", or "finished" after its last step
+    sarkern-run.json     the run's identity (a random id), status ("running", or "finished" after its last step),
+                         the options that define it, and the checkpoint this start resumes from
     .sarkern.lock        locked (flock) by the process training into the directory; the OS drops it when it dies
     .sarkern-staging/    checkpoints being written; each is renamed to checkpoint-N only when complete
-    checkpoint-N/        complete checkpoints, tagged with the id of the run that wrote it (sarkern-checkpoint.json)
+    checkpoint-N/        complete checkpoints, tagged with the id of the run that wrote it and the size and sha256 of
+                         every file in it (sarkern-checkpoint.json)
     final/  metrics.jsonl  metrics.png
 
-A restart resumes from the newest complete checkpoint of the run named in `sarkern-run.json`; `--no-resume` gives
+A restart resumes from the newest intact checkpoint of the run named in `sarkern-run.json` (every file as the run
+wrote it, nothing that can run code on load: `checkpoint_integrity`), saying which newer ones it passed over and why,
+and only with the options the run was started with (`changed_options`); `--no-resume` gives
 the directory a new identity first and then removes the old run's files, so a crash at any point in between never
 resumes the old run.
 """
@@ -23,8 +27,10 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .checkpoint_integrity import DamagedCheckpoint, file_digests, verify_checkpoint
 
 RUN_FILE = "sarkern-run.json"
 LOCK_FILE = ".sarkern.lock"
@@ -96,6 +102,32 @@ def newest_checkpoint(output_dir: Path, run_id: str | None) -> Path | None:
     return max(mine, key=checkpoint_step) if mine else None
 
 
+def newest_intact_checkpoint(output_dir: Path, run_id: str | None, max_step: int) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of run `run_id` that passes `verify_checkpoint`, and why each newer one did not."""
+    mine = [p for p, owner in sarkern_checkpoints(output_dir).items() if owner == run_id]
+    passed_over = []
+    for path in sorted(mine, key=checkpoint_step, reverse=True):
+        try:
+            verify_checkpoint(path, step=checkpoint_step(path), max_step=max_step)
+        except DamagedCheckpoint as damage:
+            passed_over.append(f"{path.name} is damaged: {damage}")
+            continue
+        return path, passed_over
+    return None, passed_over
+
+
+def changed_options(output_dir: Path, record: dict, options: dict) -> dict[str, tuple]:
+    """The options that define the run whose values differ from those recorded: {name: (recorded, now)}."""
+    recorded = record.get("options")
+    if not isinstance(recorded, dict):
+        raise RunDirError(
+            f"{Path(output_dir) / RUN_FILE} records no options (an older sarkern wrote it), so a resume cannot "
+            "tell whether it would change the run: pass --no-resume to start a new run there, or use another "
+            "--output-dir"
+        )
+    return {k: (recorded.get(k), v) for k, v in options.items() if k not in recorded or recorded[k] != v}
+
+
 def check_writable(output_dir: Path) -> None:
     """Create `output_dir` if needed and prove it writable now, not after the first training step."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -130,8 +162,10 @@ def read_run_record(output_dir: Path) -> dict | None:
 
 
 def publish_checkpoint(staged: Path, final: Path, run_id: str | None) -> None:
-    """Tag the fully written `staged` checkpoint with its run, then rename it to `final` in one step."""
-    write_json_atomic(staged / CHECKPOINT_TAG, {"run_id": run_id, "step": checkpoint_step(final)})
+    """Tag the fully written `staged` checkpoint with its run and the digest of every file in it, then rename it to
+    `final` in one step."""
+    tag = {"run_id": run_id, "step": checkpoint_step(final), "files": file_digests(staged)}
+    write_json_atomic(staged / CHECKPOINT_TAG, tag)
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
         stale = staged.parent / f"{final.name}.replaced"
         shutil.rmtree(stale, ignore_errors=True)
@@ -143,11 +177,20 @@ def publish_checkpoint(staged: Path, final: Path, run_id: str | None) -> None:
     _fsync_dir(final.parent)
 
 
-def rotate_checkpoints(output_dir: Path, run_id: str | None, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints of this run (all of them when `keep` is None)."""
+def rotate_checkpoints(output_dir: Path, run_id: str | None, keep: int | None, step: int | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints of this run up to `step` (all of them when `keep` is None).
+
+    Checkpoints beyond `step` are damaged ones a resume passed over: they must not take the places of intact ones."""
     if not keep or keep < 1:
         return
-    mine = sorted((p for p, owner in sarkern_checkpoints(output_dir).items() if owner == run_id), key=checkpoint_step)
+    mine = sorted(
+        (
+            p
+            for p, owner in sarkern_checkpoints(output_dir).items()
+            if owner == run_id and (step is None or checkpoint_step(p) <= step)
+        ),
+        key=checkpoint_step,
+    )
     for path in mine[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -189,7 +232,7 @@ class AtomicCheckpoints:
                 staging.rmdir()  # only when nothing else is staged there
             except OSError:
                 pass
-            rotate_checkpoints(run_dir, self.sarkern_run_id, self.args.save_total_limit)
+            rotate_checkpoints(run_dir, self.sarkern_run_id, self.args.save_total_limit, self.state.global_step)
         self.accelerator.wait_for_everyone()
 
     def create_model_card(self, *args, **kwargs):
@@ -254,6 +297,7 @@ class RunDirectory:
     run_id: str | None = None
     status: str | None = None
     finished_steps: int | None = None
+    passed_over: list[str] = field(default_factory=list)
     _lock: RunLock | None = None
 
     @classmethod
@@ -281,21 +325,24 @@ class RunDirectory:
     def read_identity(self) -> dict | None:
         return read_run_record(self.path)
 
-    def prepare(self, *, resume: bool, steps: int) -> Path | None:
+    def prepare(self, *, resume: bool, steps: int, options: dict) -> Path | None:
         """Settle which run this is and return the checkpoint to resume from (None: start at step 0).
 
         Resuming keeps the recorded run; a directory without one, or `resume=False`, gets a new run whose identity
-        is written before the previous run's files are removed. On return `self.status` says whether the run has
-        already finished."""
+        and defining `options` are written before the previous run's files are removed. The main process chooses
+        the newest intact checkpoint and records it, so that every process resumes from the same one;
+        `self.passed_over` says (there) which newer checkpoints were damaged. On return `self.status` says whether
+        the run has already finished."""
         if self.main_process:
-            self._prepare_main(resume=resume, steps=steps)
+            self._prepare_main(resume=resume, steps=steps, options=options)
         self.barrier()
         record = self.read_identity() or {}
         self.run_id, self.status = record.get("run_id"), record.get("status")
         self.finished_steps = record.get("steps")
-        return newest_checkpoint(self.path, self.run_id) if self.status != "finished" else None
+        resume_from = record.get("resume_from")
+        return self.path / resume_from if resume_from and self.status != "finished" else None
 
-    def _prepare_main(self, *, resume: bool, steps: int) -> None:
+    def _prepare_main(self, *, resume: bool, steps: int, options: dict) -> None:
         shutil.rmtree(self.path / STAGING_DIR, ignore_errors=True)  # checkpoints a kill left half-written
         for leftover in self.path.glob(f".{RUN_FILE}.*.tmp"):
             leftover.unlink(missing_ok=True)
@@ -315,6 +362,7 @@ class RunDirectory:
             )
         if record is None or not resume:
             record = {"run_id": uuid.uuid4().hex, "status": "running", "steps": steps, "started": time.time()}
+            record["options"] = options
             write_json_atomic(self.path / RUN_FILE, record)
             for name in RUN_OUTPUTS:  # the previous run's outputs (sarkern's: the directory had its record)
                 target = self.path / name
@@ -326,6 +374,9 @@ class RunDirectory:
         for path, owner in sarkern_checkpoints(self.path).items():
             if owner != record["run_id"]:
                 shutil.rmtree(path, ignore_errors=True)
+        checkpoint, self.passed_over = newest_intact_checkpoint(self.path, record["run_id"], steps)
+        if record.get("resume_from") != (checkpoint and checkpoint.name):
+            write_json_atomic(self.path / RUN_FILE, {**record, "resume_from": checkpoint and checkpoint.name})
 
     def mark_finished(self, steps: int) -> None:
         if self.main_process:

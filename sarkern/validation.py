@@ -101,10 +101,24 @@ def prompt_lengths(dataset, tokenizer) -> list[int]:
     return lengths
 
 
-def fit_prompts(dataset, tokenizer, *, max_positions: int | None, max_completion_length: int, drop: bool):
+def fit_prompts(
+    dataset,
+    tokenizer,
+    *,
+    max_positions: int | None,
+    max_completion_length: int,
+    drop: bool,
+    placeholder: str | None = None,
+    chat_template_kwargs: dict | None = None,
+):
     """`dataset` with every prompt that leaves room for `max_completion_length` tokens within the model's
     `max_positions`; a prompt that does not is an error naming its row, or, with `drop`, left out (returns the
-    dataset and how many rows were dropped)."""
+    dataset and how many rows were dropped).
+
+    With `placeholder` (the SAR preset the scorer will use), each row's placeholder prompt must leave that room too:
+    SAR scores every completion after it. A placeholder shared by the rows (the paper's, or the template's without
+    a system message) that does not fit is an error whatever `drop` says; one built from a row's own system
+    message counts as that row's."""
     if max_positions is None:
         return dataset, 0
     if max_completion_length >= max_positions:
@@ -114,19 +128,46 @@ def fit_prompts(dataset, tokenizer, *, max_positions: int | None, max_completion
         )
     room = max_positions - max_completion_length
     lengths = prompt_lengths(dataset, tokenizer)
+    what = ["a prompt"] * len(lengths)
+    if placeholder is not None:
+        placeholder_lengths = _placeholder_lengths(
+            dataset, tokenizer, placeholder, chat_template_kwargs, room=room, positions=max_positions
+        )
+        for row, length in enumerate(placeholder_lengths):
+            if length > lengths[row]:
+                lengths[row], what[row] = length, "a SAR placeholder prompt (its system message kept)"
     too_long = [i for i, n in enumerate(lengths) if n > room]
     if not too_long:
         return dataset, 0
     if not drop:
         first = too_long[0]
         raise ValueError(
-            f"dataset row {first + 1} has a prompt of {lengths[first]} tokens, more than the {room} that the model's "
-            f"{max_positions} positions leave beside max_completion_length {max_completion_length}"
+            f"dataset row {first + 1} has {what[first]} of {lengths[first]} tokens, more than the {room} that the "
+            f"model's {max_positions} positions leave beside max_completion_length {max_completion_length}"
             + (f" ({len(too_long)} such rows in all)" if len(too_long) > 1 else "")
             + "; shorten them, or pass --drop-long-prompts to leave them out"
         )
     keep = sorted(set(range(len(lengths))) - set(too_long))
     return dataset.select(keep), len(too_long)
+
+
+def _placeholder_lengths(dataset, tokenizer, preset: str, chat_template_kwargs, *, room: int, positions: int):
+    """The length of the placeholder prompt SAR scores each row's completions after (`PlaceholderPrompts`, as the
+    scorer builds them); the shared placeholder, when a row uses it and it is longer than `room`, is refused here,
+    naming the preset."""
+    from .placeholder import PlaceholderPrompts
+
+    placeholders = PlaceholderPrompts(tokenizer, preset=preset, chat_template_kwargs=chat_template_kwargs)
+    per_row = placeholders.for_prompts(dataset["prompt"])
+    shared = len(placeholders.default)
+    if shared > room and any(ids == placeholders.default for ids in per_row):
+        raise ValueError(
+            f"SAR's placeholder prompt (--placeholder {preset}) is {shared} tokens, more than the {room} that the "
+            f"model's {positions} positions leave beside max_completion_length {positions - room}: lower "
+            f"--max-completion-length by at least {shared - room}"
+            + (", or use --placeholder template" if preset == "paper" else "")
+        )
+    return [len(ids) for ids in per_row]
 
 
 def check_answers_verifiable(answers, *, text_answers: bool = False) -> None:

@@ -32,6 +32,14 @@ def error_of(argv: list[str], capsys) -> str:
     return err
 
 
+def last_error_of(argv: list[str], capsys) -> str:
+    """The error line of a refusal that comes after the model loaded (its progress bar shares stderr)."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]
+    assert err.startswith("sarkern train: error: "), err
+    return err
+
+
 def write_yaml(tmp_path: Path, text: str | bytes) -> str:
     path = tmp_path / "run.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -176,6 +184,30 @@ def test_a_prompt_longer_than_the_model_positions_is_refused_with_its_row(tmp_pa
     trainer = build_trainer(parse_options([*argv, "--drop-long-prompts"]))
     assert "left out 1 of 4 prompts too long for the model" in capsys.readouterr().out
     assert len(trainer.train_dataset) == 3
+
+
+def test_the_placeholder_prompt_must_leave_room_for_the_completions_too(tmp_path, capsys):
+    """Issue 21, item 5: SAR scores every completion after its placeholder prompt, which can be longer than the
+    prompts (the paper's fixed system prompt is 141 tokens on the bundled model, whose prompts are shorter): it is
+    checked with them before step 1, for every preset, not found after two steps."""
+    from sarkern.placeholder import PLACEHOLDER_PRESETS, PlaceholderPrompts
+
+    _, tokenizer = load_model_and_tokenizer(None)
+    for preset in PLACEHOLDER_PRESETS:
+        length = len(PlaceholderPrompts(tokenizer, preset=preset).default)
+        fits = 512 - length  # the longest completion the placeholder leaves room for
+        argv = ["train", "--placeholder", preset, "--output-dir", str(tmp_path / preset), *QUICK]
+        err = last_error_of([*argv, "--max-completion-length", str(fits + 1)], capsys)
+        assert (
+            f"SAR's placeholder prompt (--placeholder {preset}) is {length} tokens, more than the {length - 1} that "
+            f"the model's 512 positions leave beside max_completion_length {fits + 1}: lower --max-completion-length "
+            "by at least 1"
+        ) in err
+        assert not (tmp_path / preset / "metrics.jsonl").exists()
+    # The issue's command: the paper's placeholder with --max-completion-length 386.
+    assert "(--placeholder paper) is 141 tokens" in last_error_of(
+        ["train", "--placeholder", "paper", "--max-completion-length", "386", "--output-dir", str(tmp_path)], capsys
+    )
 
 
 # ------------------------------------------------------------------------------------- 15: unverifiable answers
