@@ -18,7 +18,7 @@ pytest.importorskip("trl")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
-import sarkern.scorer  # noqa: E402
+import sarkern.scoring_model  # noqa: E402
 from sarkern.capture import CAPTURE_NLL_BOUNDS, CaptureMismatchError  # noqa: E402
 from sarkern.placeholder import PAPER_SYSTEM_PROMPT  # noqa: E402
 from sarkern.rewards import correctness_reward  # noqa: E402
@@ -154,13 +154,13 @@ def test_bf16_autocast_scoring_matches_the_policy_forward(tmp_path, monkeypatch)
     trainer = make_trainer(tmp_path, bf16=True, num_iterations=2, sar_reuse_logprobs=False)
     assert next(trainer.model.parameters()).dtype == torch.float32
     seen = []  # (autocast on, autocast dtype, LM-head input dtype) of every scoring pass
-    op = sarkern.scorer.sequence_perplexity
+    op = sarkern.scoring_model.sequence_perplexity
 
     def recorded_op(hidden, weight, *args, **kwargs):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), hidden.dtype, weight.dtype))
         return op(hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(sarkern.scorer, "sequence_perplexity", recorded_op)
+    monkeypatch.setattr(sarkern.scoring_model, "sequence_perplexity", recorded_op)
     old_logps = []
     sar_rewards = trainer._sar_rewards
 
