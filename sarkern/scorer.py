@@ -264,6 +264,13 @@ class SARScorer:
         with self.resolve().scoring_mode(shared_prefix):
             yield
 
+    def check_head(self) -> None:
+        """Check now (one forward of two short sequences) that the model's logits are what the scorer computes
+        from its LM head; raise :class:`UnsupportedModelError` naming the cause otherwise. :meth:`score` does it at
+        its first call; a trainer calls it at construction so that a model no path can score is refused there."""
+        view = self.resolve()
+        verification.check_head(view, verification.verdict_for(view))
+
     def verify(self, rows: int | None = None) -> str:
         """Decide the scoring path now rather than at the first :meth:`score`: check the head and (unless
         ``scoring_path="universal"``) probe the packed path for passes of up to ``rows`` rows (default

@@ -45,7 +45,7 @@ from .placeholder import PLACEHOLDER_PRESETS, validate_placeholder_preset
 from .rundir import AtomicCheckpoints
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
-from .sharding import gathered_call, refuse_fsdp1, run_requested_engine
+from .sharding import NO_SHARDING, detect_engine, gathered_call, refuse_fsdp1, run_requested_engine
 
 __all__ = [
     "TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "active_dropout", "check_trl_internals",
@@ -295,6 +295,11 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             forward_context=self.accelerator.autocast,
             lm_head_fp32=bool(args.cast_lm_head_to_fp32),
         )
+        # What can be known before step 1 is raised here: config traps and structural refusals came with the
+        # scorer; the head check needs one short forward, run now on a model no engine shards (a sharded one is
+        # checked at its first scoring, on every process alike, inside the engine's parameter gathering).
+        if detect_engine(self.sar_scorer.model) == NO_SHARDING:
+            self.sar_scorer.check_head()
 
     def create_accelerator_and_postprocess(self) -> None:
         if self.sar_enabled:

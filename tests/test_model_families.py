@@ -44,6 +44,7 @@ def test_family_matches_naive_forwards_whole_and_split(family_model):
     tol = tolerance(model, prompts, completions)
     for budget in (32768, 12):
         scores = SARScorer(model, placeholder_ids=PLACEHOLDER, max_tokens_per_pass=budget).score(prompts, completions)
+        assert scores.scoring_path == "packed"  # proven on every one of these families
         assert_ppl_close(scores.ppl_cond, cond, tol)
         assert_ppl_close(scores.ppl_uncond, uncond, tol)
         assert_reward_close(scores.reward, sar_reward(torch.tensor(cond), torch.tensor(uncond)), tol)

@@ -73,6 +73,7 @@ def test_matches_naive_forwards(arch_model):
     _arch, model = arch_model
     prompts, completions = mixed_batch()
     scores = SARScorer(model, placeholder_ids=PLACEHOLDER).score(prompts, completions)
+    assert scores.scoring_path == "packed"
     cond = [naive_perplexity(model, p, c) for p, c in zip(prompts, completions)]
     uncond = [naive_perplexity(model, PLACEHOLDER, c) for c in completions]
     tol = tolerance(model, prompts, completions)

@@ -402,3 +402,19 @@ def test_cli_placeholder_option(tmp_path):
     assert parse_options(["train"]).placeholder == "template"
     with pytest.raises(SystemExit):
         parse_options(["train", "--placeholder", "question"])
+
+
+def test_a_model_no_path_can_score_is_refused_at_construction(tmp_path):
+    """A policy that rescales its logits in its own forward: neither scoring path reproduces it, and the trainer
+    says so when it is built, not at the first training step."""
+    from sarkern.model_support import UnsupportedModelError
+
+    class ScaledLogits(type(AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR))):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    model = ScaledLogits.from_pretrained(TINY_MODEL_DIR)
+    with pytest.raises(UnsupportedModelError, match="ScaledLogits's logits are not what SARScorer computes"):
+        make_trainer(tmp_path, model=model)
