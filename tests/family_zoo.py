@@ -6,7 +6,6 @@ take on it and why; README's families table is checked against these entries (``
 from __future__ import annotations
 
 import torch
-
 from scorer_models import _COMMON, _IDS
 
 # name -> (config class name, model class name, config fields, expected path, what decides it)
