@@ -5,13 +5,19 @@ Contenders (each returns per-completion ``(ppl_cond, ppl_uncond)``):
 * ``paper``: what the reference implementation does: two separate forwards over padded batches (prompts left-padded,
   completions right-padded; once with the real prompts, once with the placeholder), full ``[B, S, V]`` logits, then
   ``log_softmax`` and ``gather`` over the completion positions and a masked mean;
-* ``sarkern``: :class:`sarkern.SARScorer`: one packed, padding-free forward, each distinct prompt encoded once, one
-  fused ``sequence_perplexity`` call, no logits tensor;
+* ``sarkern``: :class:`sarkern.SARScorer` (``scoring_path="auto"``, which takes the packed path on this Qwen3 model):
+  one packed, padding-free forward, each distinct prompt encoded once, one fused ``sequence_perplexity`` call, no
+  logits tensor;
+* ``sarkern-universal``: the scorer with ``scoring_path="universal"``: right-padded, length-bucketed batches through
+  the model's own forward (each prefix recomputed per completion), then the same fused op on the hidden states;
 * ``sarkern-uncond``: the scorer given the conditioned log-probs (the trainer's case): only the placeholder half runs;
 * ``sarkern-flex``, ``sarkern-sdpa``, ``sarkern-flash`` (CUDA only; flash also needs flash-attn installed):
   ``sarkern`` with its attention backend forced to compiled FlexAttention (one call per layer over a block mask), to
   the per-segment SDPA loop or to flash-attn varlen. ``sarkern`` itself uses ``auto``: flash-attn when installed,
   else flex. On CPU they are not run: there flex needs a compilation per shape bucket and is not the scorer's path.
+
+Every scorer decides its path with :meth:`SARScorer.verify` when the contender is built, so neither the packed path's
+probe nor the head check is timed; the path that ran is reported per contender (``scoring_path``).
 
 Run ``python benchmarks/bench_scorer.py`` for a table of times and peak memory as ratios to ``paper`` (written to
 ``benchmarks/results/scorer_<device>.json``), or ``pytest benchmarks/test_bench_scorer.py --benchmark-only`` for the
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -159,28 +166,43 @@ def make_contender(
     from sarkern.scorer import SARScorer
 
     backend = {"sarkern-flex": "flex", "sarkern-sdpa": "sdpa", "sarkern-flash": "flash"}.get(name, "auto")
-    scorer = SARScorer(model, placeholder_ids=placeholder, attention_backend=backend)
-    if name in ("sarkern", *ATTENTION_CONTENDERS):
+    path = "universal" if name == "sarkern-universal" else "auto"
+    scorer = SARScorer(model, placeholder_ids=placeholder, attention_backend=backend, scoring_path=path)
+    # Decide the path now (head check, and the packed path's probe at rows as long as this batch's longest pass can
+    # be), so that the timed and memory-measured calls are scoring calls only.
+    scorer.verify(min(scorer.max_tokens_per_pass, _packed_rows_bound(prompts, completions, placeholder)))
+    if name in BOTH_HALVES:
 
         def run():
             scores = scorer.score(prompts, completions)
+            run.scoring_path = scores.scoring_path
             return scores.ppl_cond, scores.ppl_uncond
 
-        return run
-    if name == "sarkern-uncond":
+    elif name == "sarkern-uncond":
         # The trainer already has the conditioned per-token log-probs: stand-ins of the right shape here.
         cond_logprobs = [torch.full((len(c),), -2.0) for c in completions]
 
         def run():
             scores = scorer.score(prompts, completions, cond_logprobs=cond_logprobs)
+            run.scoring_path = scores.scoring_path
             return scores.ppl_cond, scores.ppl_uncond
 
-        return run
-    raise ValueError(f"unknown contender {name!r}")
+    else:
+        raise ValueError(f"unknown contender {name!r}")
+    run.scoring_path = scorer.scoring_path
+    return run
+
+
+def _packed_rows_bound(prompts, completions, placeholder) -> int:
+    """Rows of one packed pass holding the whole batch: each distinct prefix once, every completion twice."""
+    distinct = {tuple(p) for p in prompts}
+    return sum(map(len, distinct)) + len(placeholder) + 2 * sum(map(len, completions))
 
 
 # The scorer with a forced attention backend: compared on CUDA only (see the module docstring).
 ATTENTION_CONTENDERS = ("sarkern-flex", "sarkern-sdpa", "sarkern-flash")
+# The scorer contenders that score both halves: their perplexities must equal the paper's way's.
+BOTH_HALVES = ("sarkern", "sarkern-universal", *ATTENTION_CONTENDERS)
 
 
 def attention_contender_skip_reason(name: str) -> str | None:
@@ -197,6 +219,7 @@ def attention_contender_skip_reason(name: str) -> str | None:
 CONTENDERS = (
     "paper",
     "sarkern",
+    "sarkern-universal",
     "sarkern-uncond",
     *(c for c in ATTENTION_CONTENDERS if attention_contender_skip_reason(c) is None),
 )
@@ -223,6 +246,14 @@ def measure_peak(name: str) -> dict:
 # ------------------------------------------------------------------------------------------------------- main
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (others' work on a shared machine shows here); None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -232,25 +263,31 @@ def _cpu_name() -> str:
     return f"CPU {name}"
 
 
-def time_contender(fn: Callable[[], object], rounds: int) -> list[float]:
-    fn()  # warm-up
-    times = []
+def _timed_call(fn: Callable[[], object]) -> float:
+    if CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """``rounds`` timed calls of each contender (already warmed up), round-robin: round ``r`` of every contender runs
+    before round ``r + 1`` of any, so a change in the machine's load (a shared CPU) reaches all contenders alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
-        if CUDA:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            times[name].append(_timed_call(fn))
     return times
 
 
 def check_agreement(results: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Largest relative difference between the scorer's perplexities (every backend run) and the paper's."""
+    """Largest relative difference between the scorer's perplexities (both paths, every backend run) and the paper's."""
     paper_c, paper_u = results["paper"]
     worst = 0.0
-    for name in ("sarkern", *ATTENTION_CONTENDERS):
+    for name in BOTH_HALVES:
         if name in results:
             ours_c, ours_u = results[name]
             rel = torch.cat([(ours_c.cpu() / paper_c.cpu() - 1).abs(), (ours_u.cpu() / paper_u.cpu() - 1).abs()])
@@ -270,11 +307,15 @@ def main(argv: list[str] | None = None) -> None:
 
     model = build_model(SHAPE)
     prompts, completions, placeholder = make_batch(SHAPE)
-    outputs, times = {}, {}
+    outputs, fns, paths = {}, {}, {}
     for name in CONTENDERS:
-        fn = make_contender(name, model, prompts, completions, placeholder)
-        outputs[name] = fn()
-        times[name] = time_contender(fn, args.rounds)
+        fns[name] = make_contender(name, model, prompts, completions, placeholder)
+        outputs[name] = fns[name]()  # the warm-up call, untimed (the path was decided when the scorer was built)
+        paths[name] = getattr(fns[name], "scoring_path", None)
+    load_before = _load_average()
+    times = time_interleaved(fns, args.rounds)
+    load_after = _load_average()
+    del fns
     max_rel_diff = check_agreement(outputs)
     del model
     gc.collect()
@@ -287,15 +328,21 @@ def main(argv: list[str] | None = None) -> None:
         "completion_tokens": sum(map(len, completions)),
         "machine": {
             "device": torch.cuda.get_device_name() if CUDA else _cpu_name(),
+            "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
+            "load_average_1min_before_after": [load_before, load_after],
         },
+        "rounds": args.rounds,
+        "timing": "median of the rounds, contenders interleaved round-robin after one untimed call each",
         "max_relative_difference_vs_paper": max_rel_diff,
         "contenders": {
             name: {
+                "scoring_path": paths[name],
                 "median_s": statistics.median(times[name]),
+                "min_s": min(times[name]),
                 "times_s": times[name],
                 "extra_peak_mib": memory[name]["extra_peak_bytes"] / 2**20,
                 "time_ratio_vs_paper": statistics.median(times[name]) / statistics.median(times["paper"]),
@@ -312,12 +359,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{report['machine']['device']}, {report['machine']['torch_threads']} threads"
     )
     print(f"max relative difference sarkern vs paper perplexities: {max_rel_diff:.2e}")
-    print(f"{'contender':<16}{'median s':>10}{'x paper':>9}{'peak MiB':>11}{'x paper':>9}")
+    print(f"{'contender':<19}{'path':>10}{'median s':>10}{'min s':>8}{'x paper':>9}{'peak MiB':>11}{'x paper':>9}")
     for name, row in report["contenders"].items():
         print(
-            f"{name:<16}{row['median_s']:>10.3f}{row['time_ratio_vs_paper']:>9.3f}"
-            f"{row['extra_peak_mib']:>11.1f}{row['memory_ratio_vs_paper']:>9.3f}"
+            f"{name:<19}{row['scoring_path'] or '-':>10}{row['median_s']:>10.3f}{row['min_s']:>8.3f}"
+            f"{row['time_ratio_vs_paper']:>9.3f}{row['extra_peak_mib']:>11.1f}{row['memory_ratio_vs_paper']:>9.3f}"
         )
+    print(f"load average (1 min) before/after the timed rounds: {load_before} / {load_after}")
     print(f"written to {args.out}")
 
 

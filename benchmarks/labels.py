@@ -45,6 +45,11 @@ CONTENDERS: dict[str, tuple[str, str]] = {
         "the official code's scoring: two padded forwards (prompt and placeholder) with full logits, then "
         "`log_softmax`",
     ),
+    "sarkern-universal": (
+        "sarkern, universal path",
+        "`SARScorer(scoring_path='universal')`: right-padded, length-bucketed batches through the model's own "
+        "forward (each prefix recomputed per completion), then the fused op on the hidden states",
+    ),
     "sarkern-uncond": (
         "sarkern, conditioned half reused",
         "`SARScorer` given the trainer's conditioned log-probs: only the placeholder half runs",

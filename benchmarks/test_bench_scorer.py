@@ -12,6 +12,7 @@ import pytest
 import torch
 from bench_scorer import (
     ATTENTION_CONTENDERS,
+    BOTH_HALVES,
     CONTENDERS,
     CUDA,
     SHAPE,
@@ -54,12 +55,15 @@ def test_sar_scoring(benchmark, record_memory, setup, contender):
         outputs = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     peak = measure_peak(contender)["extra_peak_bytes"]
     record_memory(peak)
+    if contender == "sarkern-universal":
+        assert fn.scoring_path == "universal"
+    benchmark.extra_info["scoring_path"] = getattr(fn, "scoring_path", None)
     _results[contender] = {"outputs": outputs, "median_s": benchmark.stats.stats.median, "peak": peak}
 
     paper = _results.get("paper")
     if paper is not None:
         benchmark.extra_info["time_ratio_vs_paper"] = round(benchmark.stats.stats.median / paper["median_s"], 3)
         benchmark.extra_info["memory_ratio_vs_paper"] = round(peak / max(1, paper["peak"]), 3)
-        if contender in ("sarkern", *ATTENTION_CONTENDERS):  # the same numbers, or the comparison means nothing
+        if contender in BOTH_HALVES:  # the same numbers, or the comparison means nothing
             for ours, theirs in zip(outputs, paper["outputs"]):
                 torch.testing.assert_close(ours.cpu().double(), theirs.cpu().double(), rtol=1e-4, atol=0)

@@ -121,6 +121,10 @@ def test_tiny_run_sequence_perplexity_and_scorer(tiny_run):
     assert scorer["paper"]["status"] == "ok"
     assert scorer["sarkern-sdpa"]["status"] == "ok" and scorer["sarkern-sdpa"]["check"]["ok"] is True
     assert scorer["sarkern-flex"]["status"] == "unavailable"  # refused on CPU tensors, by name
+    assert scorer["sarkern-sdpa"]["scoring_path"] == "packed"
+    universal = scorer["sarkern-universal"]
+    assert universal["status"] == "ok" and universal["check"]["ok"] is True, universal
+    assert universal["scoring_path"] == "universal" and universal["x_paper_time"] > 0
 
 
 def test_tiny_run_targets_listed_not_judged(tiny_run):
