@@ -9,9 +9,10 @@ this path needs no proof; it costs one forward per sequence's own tokens (a shar
 completion) instead of the packed path's once per prefix, and the padding of each batch.
 
 Batches hold at most ``max_tokens`` padded tokens (a single longer sequence runs alone); sequences are sorted by
-length so that batches pad little. For RoPE whose frequencies depend on the length (longrope, dynamic NTK), each
-sequence is fed whole, last token included, and a batch holds one regime only, so the batch's longest position is
-that of a sequence of the same regime, as in a per-sample forward.
+length and a batch pads none of them by more than a quarter of its width, so that padding costs little. For RoPE
+whose frequencies depend on the length (longrope, dynamic NTK), each sequence is fed whole, last token included, and
+a batch holds one regime only, so the batch's longest position is that of a sequence of the same regime, as in a
+per-sample forward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import torch
 
 from .packing import Pair
 
-__all__ = ["PaddedBatch", "build_batch", "plan_batches"]
+__all__ = ["MAX_PADDING", "PADDING_SLACK", "PaddedBatch", "build_batch", "plan_batches"]
+
+# A batch pads each sequence by at most this fraction of the batch's width, or PADDING_SLACK tokens.
+MAX_PADDING = 0.25
+PADDING_SLACK = 8
 
 
 @dataclass
@@ -57,7 +62,9 @@ def plan_batches(
     regime: Callable[[int], Hashable] | None = None,
     feed_last: bool = False,
 ) -> list[list[int]]:
-    """Pair indices in batches of at most ``max_tokens`` padded tokens, longest first, one RoPE regime each."""
+    """Pair indices in batches of at most ``max_tokens`` padded tokens, longest first, one RoPE regime each; a batch
+    also closes when padding would exceed :data:`MAX_PADDING` of its width (lengths spread over a decade give a few
+    batches, not one padded to the longest)."""
     by_regime: dict[Hashable, list[int]] = {}
     for j, pair in enumerate(pairs):
         length = len(prefixes[pair.prefix]) + len(completions[pair.completion])
@@ -69,7 +76,11 @@ def plan_batches(
         for j in members:
             # Sorted longest first: the batch's padded length is its first member's.
             width = _fed_length(pairs[current[0] if current else j], prefixes, completions, feed_last)
-            if current and (len(current) + 1) * width > max_tokens:
+            own = _fed_length(pairs[j], prefixes, completions, feed_last)
+            padding = width - own
+            if current and (
+                (len(current) + 1) * width > max_tokens or padding > max(PADDING_SLACK, MAX_PADDING * width)
+            ):
                 batches.append(current)
                 current = []
             current.append(j)

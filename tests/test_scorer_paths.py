@@ -219,3 +219,24 @@ def test_bf16_at_real_width_the_probe_accepts_the_clean_model_and_catches_a_posi
     assert re.search(r"differs from per-sample forwards by .* in bfloat16", buggy.scoring_path_reason)
     floor = verification.FLOORS[torch.bfloat16]
     torch.testing.assert_close(scores.ppl_cond.log(), clean_scores.ppl_cond.log(), rtol=0, atol=floor)
+
+
+def test_universal_batches_bound_tokens_and_padding_and_keep_regimes_apart():
+    from sarkern.packing import Pair
+    from sarkern.universal import MAX_PADDING, PADDING_SLACK, build_batch, plan_batches
+
+    g = torch.Generator().manual_seed(49)
+    prefixes = [torch.zeros(n, dtype=torch.long) for n in (12, 3)]
+    completions = [torch.zeros(n, dtype=torch.long) for n in torch.randint(1, 97, (64,), generator=g).tolist()]
+    pairs = [Pair(j % 2, j) for j in range(64)]
+    regime = lambda length: length > 60  # noqa: E731 - two regimes, as longrope's threshold makes
+    for budget in (32768, 300, 50):
+        plan = plan_batches(pairs, prefixes, completions, budget, regime=regime, feed_last=True)
+        assert sorted(j for members in plan for j in members) == list(range(64))
+        for members in plan:
+            batch = build_batch([pairs[j] for j in members], prefixes, completions, feed_last=True)
+            lengths = [len(prefixes[pairs[j].prefix]) + len(completions[pairs[j].completion]) for j in members]
+            width = batch.input_ids.shape[1]
+            assert width == max(lengths) and (len(members) == 1 or batch.tokens <= budget)
+            assert all(width - n <= max(PADDING_SLACK, MAX_PADDING * width) for n in lengths)
+            assert len({regime(n) for n in lengths}) == 1
