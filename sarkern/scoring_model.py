@@ -51,6 +51,9 @@ def find_backbone(model: nn.Module) -> nn.Module:
         backbone = get_decoder()
     if backbone is None or backbone is model:
         backbone = getattr(model, "model", None)
+    if not isinstance(backbone, nn.Module):  # older transformers: GPT-2's `transformer`, found by its prefix
+        backbone = getattr(model, "base_model", None)
+        backbone = None if backbone is model else backbone
     if not isinstance(backbone, nn.Module):
         raise UnsupportedModelError(f"cannot find the decoder backbone of {type(model).__name__}")
     return backbone
