@@ -278,28 +278,8 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
     from .validation import check_answers_verifiable, fit_prompts
 
     dataset = load_dataset_for(options)
-    model, tokenizer = load_model_and_tokenizer(options.model, trust_remote_code=options.trust_remote_code)
-    try:
-        if options.dataset is not None:
-            check_answers_verifiable(dataset["answer"], text_answers=options.text_answers)
-        dataset, dropped = fit_prompts(
-            dataset,
-            tokenizer,
-            max_positions=getattr(model.config, "max_position_embeddings", None),
-            max_completion_length=options.max_completion_length,
-            drop=options.drop_long_prompts,
-            # SAR scores every completion after its placeholder prompt too (not with self_confidence or weight 0)
-            placeholder=options.placeholder if options.reward == "sar" and options.sar_weight != 0 else None,
-        )
-    except ValueError as err:
-        raise SetupError(f"{options.dataset or 'synthetic task'}: {err}") from None
-    if dropped:
-        total = dropped + len(dataset)
-        print(f"sarkern train: left out {dropped} of {total} prompts too long for the model", flush=True)
-    if len(dataset) < options.prompts_per_step:
-        raise SetupError(
-            f"the dataset has {len(dataset)} usable rows, fewer than prompts_per_step={options.prompts_per_step}"
-        )
+    # The config before the model: under DeepSpeed ZeRO-3 with zero3_init_flag, creating it switches on zero.Init,
+    # so that transformers loads the policy already partitioned instead of whole on every process.
     funcs, weights, sar = reward_setup(options)
     sar["sar_placeholder"] = options.placeholder
     use_cpu = (not torch.cuda.is_available()) if options.use_cpu is None else options.use_cpu
@@ -328,6 +308,28 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
         **({"gradient_checkpointing": True} if options.gradient_checkpointing else {}),
         **sar,
     )
+    model, tokenizer = load_model_and_tokenizer(options.model, trust_remote_code=options.trust_remote_code)
+    try:
+        if options.dataset is not None:
+            check_answers_verifiable(dataset["answer"], text_answers=options.text_answers)
+        dataset, dropped = fit_prompts(
+            dataset,
+            tokenizer,
+            max_positions=getattr(model.config, "max_position_embeddings", None),
+            max_completion_length=options.max_completion_length,
+            drop=options.drop_long_prompts,
+            # SAR scores every completion after its placeholder prompt too (not with self_confidence or weight 0)
+            placeholder=options.placeholder if options.reward == "sar" and options.sar_weight != 0 else None,
+        )
+    except ValueError as err:
+        raise SetupError(f"{options.dataset or 'synthetic task'}: {err}") from None
+    if dropped:
+        total = dropped + len(dataset)
+        print(f"sarkern train: left out {dropped} of {total} prompts too long for the model", flush=True)
+    if len(dataset) < options.prompts_per_step:
+        raise SetupError(
+            f"the dataset has {len(dataset)} usable rows, fewer than prompts_per_step={options.prompts_per_step}"
+        )
     return SARGRPOTrainer(
         model=model,
         reward_funcs=funcs,

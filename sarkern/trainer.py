@@ -45,7 +45,7 @@ from .placeholder import PLACEHOLDER_PRESETS, validate_placeholder_preset
 from .rundir import AtomicCheckpoints
 from .sar import validate_sar_options
 from .scorer import DEFAULT_MAX_TOKENS_PER_PASS, SARScorer
-from .sharding import NO_SHARDING, detect_engine, gathered_call, refuse_fsdp1, run_requested_engine
+from .sharding import gathered_call, refuse_fsdp1, run_requested_engine
 
 __all__ = [
     "TESTED_TRL", "SARGRPOConfig", "SARGRPOTrainer", "TRLInternalsError", "active_dropout", "check_trl_internals",
@@ -296,10 +296,11 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             lm_head_fp32=bool(args.cast_lm_head_to_fp32),
         )
         # What can be known before step 1 is raised here: config traps and structural refusals came with the
-        # scorer; the head check needs one short forward, run now on a model no engine shards (a sharded one is
-        # checked at its first scoring, on every process alike, inside the engine's parameter gathering).
-        if detect_engine(self.sar_scorer.model) == NO_SHARDING:
-            self.sar_scorer.check_head()
+        # scorer; the head check needs one short forward, run now on every process alike, inside the parameter
+        # gathering of an engine that already shards the policy (ZeRO-3 partitions it at load under zero.Init;
+        # accelerate applies FSDP2 later, at prepare). Not checked against the accelerator's engine: the policy
+        # is prepared only when training starts.
+        gathered_call(self.sar_scorer.model, self.sar_scorer.check_head)
 
     def create_accelerator_and_postprocess(self) -> None:
         if self.sar_enabled:

@@ -170,6 +170,8 @@ def test_two_training_steps_score_sar_as_a_single_process_would(tmp_path, free_p
     for rank in (0, 1):
         run = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert (run["distributed_type"], run["engine"], run["num_processes"]) == (distributed_type, engine, 2)
+        # `sarkern train` makes its config before loading the policy, so ZeRO-3 loads it already partitioned.
+        assert run["engine_at_construction"] == ("DeepSpeed ZeRO-3" if engine.startswith("DeepSpeed") else "none")
         assert sorted({call["step"] for call in run["calls"]}) == [0, 1]
         for index, call in enumerate(run["calls"]):
             weights = torch.load(tmp_path / f"rank{rank}-call{index}.pt")
@@ -202,6 +204,34 @@ def test_two_training_steps_score_sar_as_a_single_process_would(tmp_path, free_p
     assert any(not torch.equal(weights_by_step[0][n], weights_by_step[1][n]) for n in weights_by_step[0])
     logged = [entry for entry in run["log_history"] if "rewards/sar/mean" in entry]
     assert len(logged) == 2 and all(math.isfinite(entry["rewards/sar/mean"]) for entry in logged)
+
+
+CONSTRUCTION_RUNNER = Path(__file__).with_name("two_process_zero3_construction.py")
+
+
+def test_zero3_policy_partitioned_at_load_is_checked_at_construction(tmp_path, free_port):
+    """A policy loaded after its config under the shipped ZeRO-3 config (zero.Init: every parameter partitioned at
+    load, as TRL users load large models), on two CPU processes. The head check runs when the trainer is built, on
+    every process, inside the engine's gathering (the LM head whole there, a placeholder again after): a policy no
+    path can score is refused at construction on both processes, not at step 1, and the bundled model passes."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port),
+        str(CONSTRUCTION_RUNNER), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TWO_PROCESS_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    for rank in (0, 1):
+        run = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert run["zero3_init"] and run["processes"] == [rank, 2]
+        assert run["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert run["refused_engine_at_load"] == run["engine_at_load"] == "DeepSpeed ZeRO-3"
+        assert "ScaledLogits's logits are not what SARScorer computes" in run["refused"]
+        whole = [{"engine": "DeepSpeed ZeRO-3", "head_numel": run["expected_numel"]}]
+        assert run["refused_checks"] == run["checks"] == whole  # once each, with the head gathered
+        assert run["head_numel_after"] == 0  # partitioned again once the check is done
 
 
 def cpu_accelerator(distributed_type):

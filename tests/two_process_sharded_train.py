@@ -17,6 +17,7 @@ out = Path(sys.argv[1])
 quick = ["--max-completion-length", "16", "--prompts-per-step", "2", "--num-generations", "4", "--num-problems", "16"]
 trainer = build_trainer(parse_options(["train", "--steps", "2", "--output-dir", str(out / "run"), *quick]))
 rank = trainer.accelerator.process_index
+engine_at_construction = detect_engine(trainer.model)  # ZeRO-3 partitions at load (zero.Init); FSDP2 at prepare
 scorer = trainer.sar_scorer
 score = scorer.score
 calls = []
@@ -51,6 +52,7 @@ trainer.train()
         {
             "distributed_type": str(trainer.accelerator.distributed_type),
             "engine": detect_engine(scorer.model),
+            "engine_at_construction": engine_at_construction,
             "num_processes": trainer.accelerator.num_processes,
             "calls": calls,
             "log_history": trainer.state.log_history,
