@@ -16,6 +16,7 @@ are checked before the first step; errors are one line (`--debug` shows the trac
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -454,12 +455,25 @@ def _end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _print_sarkern_log() -> None:
+    """sarkern's own log lines (which scoring path SAR takes, and why; notes on reused log-probs) on stdout, as
+    `sarkern train: ...` lines like the CLI's own: Python's default shows none below WARNING."""
+    log = logging.getLogger("sarkern")
+    if not any(getattr(handler, "sarkern_cli", False) for handler in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("sarkern train: %(message)s"))
+        handler.sarkern_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`sarkern train ...`: 0 on success; on failure one line `sarkern train: error: ...` and a non-zero status
     (the traceback only with --debug); 130 after Ctrl-C, with a line saying where a rerun resumes."""
     # transformers renames its gradient-checkpointing API in v6 and TRL still calls the old names: noise for users.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
     argv = sys.argv[1:] if argv is None else argv
+    _print_sarkern_log()
     debug = "--debug" in argv
     try:
         options = parse_options(argv)

@@ -110,6 +110,8 @@ def test_two_processes_under_accelerate(tmp_path, free_port):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) on cpu" in done.stdout and "(DDP)" in done.stdout  # the engine asked for
+    # Which way SAR is scored, and why: one line, from the main process only.
+    assert done.stdout.count("SAR scoring path: packed (") == 1, done.stdout[-3000:]
     assert _steps(out / "metrics.jsonl") == [1, 2]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert "rewards/sar/mean" in record and "sar/ppl_uncond" in record
