@@ -301,6 +301,21 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         # accelerate applies FSDP2 later, at prepare). Not checked against the accelerator's engine: the policy
         # is prepared only when training starts.
         gathered_call(self.sar_scorer.model, self.sar_scorer.check_head)
+        self._check_placeholder_renders()
+
+    def _check_placeholder_renders(self) -> None:
+        """Build the placeholder of the first training prompt now: a chat template that raises on an empty user
+        turn, or plain-text prompts for a tokenizer with nothing to start a text with, are refused at construction
+        (by name, with the way out) rather than at the first step."""
+        dataset = self.train_dataset
+        if isinstance(dataset, dict):  # TRL accepts a dict of datasets only for evaluation; be safe
+            return
+        try:
+            first = dataset[0] if dataset is not None and len(dataset) > 0 else None
+        except (TypeError, NotImplementedError):  # an IterableDataset: nothing to look at without consuming it
+            return
+        if isinstance(first, dict) and "prompt" in first:
+            self.sar_scorer.placeholder_prompts.for_prompt(first["prompt"])
 
     def create_accelerator_and_postprocess(self) -> None:
         if self.sar_enabled:

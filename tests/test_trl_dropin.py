@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 )
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from sarkern.placeholder import PlaceholderError  # noqa: E402
 from sarkern.tiny import TINY_MODEL_DIR  # noqa: E402
 from sarkern.trainer import SARGRPOConfig, SARGRPOTrainer  # noqa: E402
 
@@ -105,12 +106,18 @@ def assert_trained(trainer, *, moved=True):
 
 def test_init_minimal(flavour, dataset, reward_models, tmp_path, monkeypatch):
     """TRL's `test_init_minimal`: model, reward model and dataset only; `args=None` builds a default config named
-    after the model (in the working directory)."""
-    trainer_class, config_class, _ = flavour
+    after the model (in the working directory). SAR refuses plain-text prompts it has no placeholder for here."""
+    trainer_class, config_class, is_sar = flavour
     monkeypatch.chdir(tmp_path)
     # The default config asks for bf16, which TrainingArguments refuses on a machine without a bf16 GPU (this one):
     # let it through, as on the GPU machines TRL's test runs on (the CPU runs bf16 autocast).
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    if is_sar:
+        # The default config has no placeholder ids, and these plain-text prompts have no placeholder without them:
+        # refused when the trainer is built, not at its first step. Conversational prompts need none.
+        with pytest.raises(PlaceholderError, match=r"empty text, which is empty .*sar_placeholder_ids="):
+            trainer_class(model=POLICY, reward_funcs=reward_models[0], train_dataset=dataset)
+        dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS]})
     trainer = trainer_class(model=POLICY, reward_funcs=reward_models[0], train_dataset=dataset)
     assert type(trainer.args) is getattr(config_class, "func", config_class)
     assert trainer.args.output_dir.endswith(f"{TINY_MODEL_DIR.name}-GRPO")
