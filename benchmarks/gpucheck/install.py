@@ -3,9 +3,11 @@ and passing that on to the processes started from here (the sections' and pytest
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,7 @@ def ensure_sarkern_importable() -> None:
     for name in [m for m in sys.modules if m == "sarkern" or m.startswith("sarkern.")]:
         del sys.modules[name]
     target = Path(tempfile.mkdtemp(prefix="sarkern-site-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)  # the sections' processes have ended by then
     print(f"   installing this checkout's sarkern into {target} (no dependencies, no index)", flush=True)
     subprocess.run(
         [
@@ -70,6 +73,7 @@ def install_wheels(folder: Path) -> None:
         print(f"   no wheels in {folder}/ (make gpu-wheels, then carry it): missing peers show as not installed")
         return
     target = Path(tempfile.mkdtemp(prefix="gpu-check-wheels-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     for wheel in wheels:
         done = subprocess.run(
             [
