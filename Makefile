@@ -75,7 +75,8 @@ gpu-check:
 # copies the working tree as the device tool does (tracked files and untracked ones git does not ignore, the wheels
 # carried), and runs GPU_WINDOW.md's command, read from that file, with --tiny in that copy, `python3` being the
 # emulation's, no PYTHONPATH. GPU_IMAGE_EXTRA: packages the image may have beyond these (say, `pyarrow pandas
-# xxhash`, which datasets needs: without them the TRL rows are refused by name). Results in $(GPU_IMAGE)/out.
+# xxhash`, which datasets needs: without them the TRL rows are refused by name). Results in $(GPU_IMAGE)/out. Built
+# once (a stamp): rm -rf $(GPU_IMAGE) after changing the versions.
 GPU_IMAGE ?= .gpu-image
 GPU_IMAGE_SPECS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 numpy==2.5.2 pytest
 GPU_IMAGE_EXTRA ?=
