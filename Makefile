@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sarkern-installed
 
-.PHONY: install test test-fast bench train lint clean static-report gpu-wheels gpu-check
+.PHONY: install test test-fast bench train lint clean static-report gpu-wheels gpu-check gpu-emulation \
+	gpu-emulation-tests
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -40,16 +41,14 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
-# ---- A GPU window (DESIGN.md section 6) -------------------------------------------------------------------------
+# ---- A GPU window ----------------------------------------------------------------------------------------------
+# The call to send (command, carry list, timeout) is in benchmarks/GPU_WINDOW.md, the one place it is written.
 # Here (PyPI reachable): `make gpu-wheels` puts the pure-Python peers, and what of their needs the GPU image lacks,
 # into $(GPU_WHEELS) (ignored by git; a few MB, under the device tool's 64 MiB carry limit). Never torch, Triton or
 # nvidia-*: the GPU image has its own CUDA builds. Liger's SM90 fused scaled cross entropy would need NVIDIA's CuTe
 # DSL (nvidia-cutlass-dsl-libs-cu13, a 92 MB wheel): too big to carry, so that contender reports it as missing.
-# On the GPU machine: `make gpu-check` with $(GPU_WHEELS) carried. It runs the system python (torch 2.11 + Triton 3.6
-# there), never .venv (made here for the CPU); the script installs the wheels and this checkout's sarkern into
-# temporary folders without network, and writes the results to $$OUT when the device tool sets it (else
-# benchmarks/results). Without make: python3 benchmarks/gpu_check.py --wheels .gpu-wheels --out "$$OUT" (the entry
-# script of the package benchmarks/gpucheck/).
+# On a GPU machine with make: `make gpu-check` runs the same script as GPU_WINDOW.md's command with the system
+# python (never .venv, made here for the CPU), its output also in $(GPU_CHECK_OUT)/gpu-check.log.
 GPU_PYTHON ?= python3
 GPU_WHEELS ?= .gpu-wheels
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),benchmarks/results)
@@ -69,3 +68,52 @@ gpu-check:
 	mkdir -p $(GPU_CHECK_OUT)
 	set -o pipefail; PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --wheels $(GPU_WHEELS) \
 		--out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS) 2>&1 | tee $(GPU_CHECK_OUT)/gpu-check.log
+
+# The dry run of a GPU window on this CPU (not in CI, not in `make test`: torch's CUDA build is several GB). It builds
+# an emulation of the GPU image in $(GPU_IMAGE) (ignored): a venv of Python $(GPU_PY_VERSION) (python3.12 on the PATH,
+# else pyenv's, else uv's; GPU_IMAGE_PY=... to choose) with $(GPU_IMAGE_SPECS) and nothing of sarkern's. Then it
+# copies the working tree as the device tool does (tracked files and untracked ones git does not ignore, the wheels
+# carried), and runs GPU_WINDOW.md's command, read from that file, with --tiny in that copy, `python3` being the
+# emulation's, no PYTHONPATH. GPU_IMAGE_EXTRA: packages the image may have beyond these (say, `pyarrow pandas
+# xxhash`, which datasets needs: without them the TRL rows are refused by name). Results in $(GPU_IMAGE)/out. Built
+# once (a stamp): rm -rf $(GPU_IMAGE) after changing the versions.
+GPU_IMAGE ?= .gpu-image
+GPU_IMAGE_SPECS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 numpy==2.5.2 pytest
+GPU_IMAGE_EXTRA ?=
+GPU_EMULATION_ARGS ?= --tiny --budget-scale 20
+GPU_IMAGE_PY ?= $(shell for p in python$(GPU_PY_VERSION) $$(ls -d $$HOME/.pyenv/versions/$(GPU_PY_VERSION).*/bin 2>/dev/null \
+	| sort -V | tail -1)/python$(GPU_PY_VERSION) $$(uv python find $(GPU_PY_VERSION) 2>/dev/null); do \
+	$$p -c 'import sys; sys.exit(sys.version_info[:2] != tuple(map(int, "$(GPU_PY_VERSION)".split("."))))' \
+	2>/dev/null && echo $$p && break; done)
+GPU_IMAGE_STAMP := $(GPU_IMAGE)/.built
+
+$(GPU_IMAGE_STAMP):
+	@test -n "$(GPU_IMAGE_PY)" || { echo "no Python $(GPU_PY_VERSION) found (set GPU_IMAGE_PY=...)"; exit 1; }
+	$(GPU_IMAGE_PY) -m venv $(GPU_IMAGE)/venv
+	$(GPU_IMAGE)/venv/bin/python -m pip install --quiet $(GPU_IMAGE_SPECS) $(GPU_IMAGE_EXTRA)
+	$(GPU_IMAGE)/venv/bin/python -m pip list --format=freeze > $(GPU_IMAGE)/versions.txt
+	touch $@
+
+gpu-emulation: SHELL := /bin/bash
+gpu-emulation: $(GPU_IMAGE_STAMP)
+	@test -d $(GPU_WHEELS) || { echo "no $(GPU_WHEELS)/: run make gpu-wheels first"; exit 1; }
+	rm -rf $(GPU_IMAGE)/tree $(GPU_IMAGE)/out && mkdir -p $(GPU_IMAGE)/tree $(GPU_IMAGE)/out
+	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(GPU_IMAGE)/tree
+	cp -r $(GPU_WHEELS) $(GPU_IMAGE)/tree/
+	command="$$(sed -n 's/^command: //p' benchmarks/GPU_WINDOW.md)"; echo "$$command $(GPU_EMULATION_ARGS)"; \
+	set -o pipefail; cd $(GPU_IMAGE)/tree && env -u PYTHONPATH -u VIRTUAL_ENV -u SARKERN_BACKEND \
+		PATH="$(abspath $(GPU_IMAGE))/venv/bin:$$PATH" OUT="$(abspath $(GPU_IMAGE))/out" \
+		bash -c "$$command $(GPU_EMULATION_ARGS)" 2>&1 | tee $(abspath $(GPU_IMAGE))/out/gpu-check.log
+
+# The suite's CPU tests of the ops and the scorer under the emulation's interpreter, against a plain (not editable)
+# install of this checkout in $(GPU_IMAGE)/site (with hypothesis, which the tests need and the image lacks).
+GPU_EMULATION_TESTS ?= tests/test_token_logprobs.py tests/test_linear_token_logprobs.py \
+	tests/test_sequence_perplexity.py tests/test_op_errors.py tests/test_scorer.py tests/test_scorer_paths.py \
+	tests/test_scorer_precision.py tests/test_sar_reward.py tests/test_flex_attention.py
+gpu-emulation-tests: $(GPU_IMAGE_STAMP)
+	rm -rf $(GPU_IMAGE)/site
+	$(GPU_IMAGE)/venv/bin/python -m pip install --quiet --no-deps --no-build-isolation --target $(GPU_IMAGE)/site .
+	$(GPU_IMAGE)/venv/bin/python -m pip install --quiet --target $(GPU_IMAGE)/site hypothesis
+	cd tests && env -u SARKERN_BACKEND PYTHONSAFEPATH=1 PYTHONPATH="$(abspath $(GPU_IMAGE))/site" \
+		$(abspath $(GPU_IMAGE))/venv/bin/python -m pytest -p no:cacheprovider --rootdir .. -c ../pytest.ini \
+		$(patsubst tests/%,%,$(GPU_EMULATION_TESTS)) $(GPU_EMULATION_TESTS_ARGS)

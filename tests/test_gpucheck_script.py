@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -24,24 +25,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from gpucheck import install, interpreter  # noqa: E402
 from gpucheck.environment import source_digest  # noqa: E402
-from gpucheck.gpu_tests import junit_summary, log_summary  # noqa: E402
+from gpucheck.gpu_tests import gpu_test_parts, import_check, junit_summary, log_summary  # noqa: E402
+from gpucheck.main import SECTION_GRACE_S, SECTIONS, build_parser, section_budget  # noqa: E402
 from gpucheck.ops import time_op_family  # noqa: E402
+from gpucheck.render import render  # noqa: E402
 from gpucheck.report import Run  # noqa: E402
 from gpucheck.settings import FULL, TINY  # noqa: E402
 from gpucheck.targets import evaluate_targets  # noqa: E402
 from gpucheck.timing import BudgetExceeded, Device, Unavailable, outcome_of, time_limit  # noqa: E402
 from gpucheck.variants import checked_candidates  # noqa: E402
 
-SECTIONS = {"environment", "tests", "ceilings", "linear", "logits", "sequence_perplexity", "scorer"}
+GPU_WINDOW = ROOT / "benchmarks" / "GPU_WINDOW.md"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
     no_wheels = tmp_path_factory.mktemp("no-wheels")  # the carried-wheels path, with nothing carried
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # As on the GPU machine: no PYTHONPATH (the entry script finds its package itself), and PYTHONSAFEPATH=1, under
+    # which Python puts not even the script's folder on the path.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONSAFEPATH": "1"}
     env.pop("SARKERN_BACKEND", None)
+    env.pop("PYTHONPATH", None)
     done = subprocess.run(
         [
             sys.executable,
@@ -69,9 +76,10 @@ def test_tiny_run_writes_both_reports(tiny_run):
     out, json_path, data, stdout = tiny_run
     assert json_path.name.startswith("cpu-tiny-") and json_path.name == f"{data['tag']}.json"
     md = (out / f"{data['tag']}.md").read_text()
-    for heading in ("## DESIGN.md section 4 targets", "## Ceilings", "## GPU tests", "## SAR scoring", "## Contenders"):
+    for heading in ("## Targets", "## Ceilings", "## GPU tests", "## SAR scoring", "## Contenders"):
         assert heading in md
-    assert (out / f"{data['tag']}.tests.junit.xml").exists()
+    assert (out / f"{data['tag']}.tests.kernels.junit.xml").exists()
+    assert (out / f"{data['tag']}.tests.others.junit.xml").exists()
     assert "== summary" in stdout  # the short table the device tool's reply ends with
     assert "no wheels in" in stdout
 
@@ -80,13 +88,42 @@ def test_tiny_run_every_section_ran(tiny_run):
     _, _, data, _ = tiny_run
     assert data["mode"] == "tiny"
     assert {name: s["status"] for name, s in data["sections"].items()} == dict.fromkeys(SECTIONS, "ok")
-    # Every section but the environment ran in a process of its own.
+    # Every section but the environment ran in a process of its own; the time each used is recorded.
     assert all("process_seconds" in s for name, s in data["sections"].items() if name != "environment")
+    assert all(0 < s["seconds"] <= s["budget_s"] for s in data["sections"].values())
     assert data["versions"]["torch"] and data["sarkern"]["source_digest"] == source_digest()
     # The GPU tests were collected and skipped for want of CUDA: collected, not lost.
     tests = data["tests"]
     assert tests["exit_code"] == 0 and tests["failed"] == tests["errors"] == 0 and tests["skipped"] > 0
     assert all(name.startswith("test_gpu_") for name in tests["files"])
+    # The Triton kernel tests first, in a pytest of their own, then the FlexAttention ones.
+    assert list(tests["parts"]) == ["kernels", "others"]
+    assert tests["parts"]["kernels"]["files"] == ["test_gpu_kernels.py"]
+    assert "test_gpu_flex.py" in tests["parts"]["others"]["files"]
+    assert all(part["seconds"] <= part["timeout_s"] for part in tests["parts"].values())
+
+
+def test_tiny_run_gpu_tests_imported_the_installed_sarkern(tiny_run):
+    """The GPU tests' pytest imported sarkern and sarkern.kernels from the temporary install, not from the checkout's
+    source tree (which has no sarkern.kernels): recorded before the tests skip for want of CUDA."""
+    _, _, data, _ = tiny_run
+    check = data["tests"]["import_check"]
+    assert check["ok"] is True, check
+    site = Path(check["site"]).resolve()
+    assert not site.is_relative_to(ROOT)
+    for key in ("sarkern", "sarkern.kernels"):
+        assert Path(check[key]).resolve().is_relative_to(site), check
+    assert check["safe_path"] is True
+    assert Path(data["sarkern"]["imported_from"]).resolve().is_relative_to(site)  # the sections' processes too
+
+
+def test_tiny_run_records_the_versions_the_peers_need(tiny_run):
+    _, _, data, stdout = tiny_run
+    for dist in ("numpy", "datasets", "pyarrow", "fsspec", "trl", "liger-kernel", "cut-cross-entropy", "dill"):
+        assert dist in data["versions"]
+    peers = data["peer_requirements"]
+    assert set(peers) == {"installed", "unmet", "lost", "rows_lost"}
+    assert ("peers' requirements: all met" in stdout) == (not peers["lost"])
 
 
 @pytest.mark.parametrize("family", ["linear", "logits"])
@@ -94,28 +131,38 @@ def test_tiny_run_every_section_ran(tiny_run):
 def test_tiny_run_ops_checked_against_float64(tiny_run, family, mode):
     _, _, data, _ = tiny_run
     rows = data["ops"][family][mode]
+    refused = data["sarkern"]["refused_backends"]
     for backend in ("triton", "torch"):
         row = rows[f"sarkern[{backend}]"]
+        if backend in refused:  # Triton's interpreter broken with this numpy: refused by name, never run
+            assert backend == "triton" and "interpreter" in refused[backend]
+            assert row == {"status": "unavailable", "reason": refused[backend]}
+            continue
         assert row["status"] == "ok", row
         assert row["check"]["ok"] is True, row["check"]
         assert ("grad_rel_errors" if mode == "forward_backward" else "max_abs_error") in row["check"]
         assert row["median_ms"] > 0 and row["peak_extra_mib"] >= 0
         assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
     assert rows["naive"]["status"] == "ok" and rows["naive"]["x_sarkern_time"] > 0
-    if family == "linear":  # how the fused forward launched, where the Triton kernels ran it
+    if family == "linear" and "triton" not in refused:  # how the fused forward launched, where the kernels ran it
         assert "resident programs" in rows["sarkern[triton]"]["launch"] and rows["sarkern[torch]"]["launch"] is None
     # Every peer has a row; one that cannot run here says why instead of crashing the run.
     import contenders
 
     assert set(contenders.FAMILIES[family]) - {"sarkern"} <= set(rows)
-    for row in rows.values():
+    for key, row in rows.items():
         assert row["status"] in ("ok", "unavailable"), row
         assert row["status"] == "ok" or row["reason"]
+        if key in data["peer_requirements"]["rows_lost"]:
+            assert row == {"status": "unavailable", "reason": data["peer_requirements"]["rows_lost"][key]}
 
 
 def test_tiny_run_sequence_perplexity_and_scorer(tiny_run):
     _, _, data, _ = tiny_run
-    for row in data["ops"]["sequence_perplexity"]["forward"].values():
+    for key, row in data["ops"]["sequence_perplexity"]["forward"].items():
+        if "triton" in key and "triton" in data["sarkern"]["refused_backends"]:
+            assert row["status"] == "unavailable"
+            continue
         assert row["status"] == "ok" and row["check"]["ok"] is True
     scorer = data["scorer"]["contenders"]
     assert scorer["paper"]["status"] == "ok"
@@ -127,6 +174,15 @@ def test_tiny_run_sequence_perplexity_and_scorer(tiny_run):
     assert universal["scoring_path"] == "universal" and universal["x_paper_time"] > 0
 
 
+def test_tiny_run_report_stands_alone(tiny_run):
+    """The report names its card and states the targets it measures against, citing no document."""
+    out, _, data, _ = tiny_run
+    md = (out / f"{data['tag']}.md").read_text()
+    assert md.startswith("# gpu-check on CPU (no GPU): ")
+    assert "DESIGN" not in md
+    assert "1.10 x a bare cuBLAS GEMM" in md and "85% of the HBM read bandwidth" in md and "0.2 x the peak" in md
+
+
 def test_tiny_run_targets_listed_not_judged(tiny_run):
     _, _, data, _ = tiny_run
     statuses = {t["what"]: t["status"] for t in data["targets"]}
@@ -136,6 +192,120 @@ def test_tiny_run_targets_listed_not_judged(tiny_run):
 
 
 # ---------------------------------------------------------------------------------- the helpers, directly
+
+
+def test_the_gpu_window_call_is_the_one_the_script_accepts():
+    """GPU_WINDOW.md's command (the README's too) parses as the script's arguments, carries what it names, and its
+    timeout covers the run's total, a hung section's grace and the installs, within the device's 600 s a call."""
+    lines = GPU_WINDOW.read_text().split("```")[1].strip().splitlines()
+    call = dict(line.split(": ", 1) for line in lines)
+    assert set(call) == {"command", "carry", "timeout_s"}
+    words = shlex.split(call["command"])
+    assert words[:2] == ["python3", "benchmarks/gpu_check.py"] and "make" not in words
+    args = build_parser().parse_args([w.replace("$OUT", "/out") for w in words[2:]])
+    assert json.loads(call["carry"]) == [str(args.wheels)] and args.out == Path("/out") and not args.tiny
+    install_allowance_s = 60  # the carried wheels and sarkern, each a pip process, and the first imports
+    assert FULL.total_s + SECTION_GRACE_S + install_allowance_s <= int(call["timeout_s"]) <= 600
+    assert f"`{call['command']}`" in (ROOT / "README.md").read_text()
+    assert "benchmarks/GPU_WINDOW.md" in (ROOT / "benchmarks" / "gpu_check.py").read_text()
+
+
+@pytest.mark.parametrize("settings", [FULL, TINY], ids=["full", "tiny"])
+def test_section_budgets_fit_the_total(settings):
+    assert set(settings.budgets) == set(SECTIONS)
+    processes = len(SECTIONS) - 1  # the environment runs in the main process
+    assert sum(settings.budgets.values()) + processes * settings.startup_s < settings.total_s
+    # On plan, every section gets its whole budget; the scorer, last, gets its own even when the run is late.
+    later_sections = list(SECTIONS[1:])
+    elapsed = settings.budgets["environment"]
+    while later_sections:
+        name = later_sections.pop(0)
+        assert section_budget(settings, name, later_sections, elapsed) == settings.budgets[name]
+        elapsed += settings.budgets[name] + settings.startup_s
+    late = settings.total_s - settings.budgets["scorer"] - settings.startup_s
+    assert section_budget(settings, "scorer", [], late) == settings.budgets["scorer"]
+    # ... and the section before it, late, is the one cut: by what the scorer needs.
+    before = section_budget(settings, "sequence_perplexity", ["scorer"], late - 10)
+    assert before == pytest.approx(10 - settings.startup_s)
+
+
+def test_gpu_test_files_run_triton_kernels_first():
+    parts = gpu_test_parts()
+    assert [part for part, _ in parts] == ["kernels", "others"]
+    assert [Path(f).name for f in parts[0][1]] == ["test_gpu_kernels.py"]
+    assert Path(parts[1][1][0]).name == "test_gpu_flex.py"
+
+
+def test_import_check_refuses_the_source_tree(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    monkeypatch.setenv(install.SITE_VARIABLE, str(site))
+    installed = {
+        "sarkern": {"file": str(site / "sarkern" / "__init__.py")},
+        "sarkern_kernels": {"file": str(site / "sarkern" / "kernels" / "__init__.py")},
+        "sarkern_at_end": str(site / "sarkern" / "__init__.py"),
+        "safe_path": True,
+    }
+    assert import_check(installed)["ok"] is True
+    tree = {**installed, "sarkern": {"file": str(ROOT / "sarkern" / "__init__.py")}}
+    check = import_check(tree)
+    assert check["ok"] is False and "source tree" in check["reason"]
+    missing = {**installed, "sarkern_kernels": {"error": "ImportError: cannot import name 'kernels' from 'sarkern'"}}
+    check = import_check(missing)
+    assert check["ok"] is False and "cannot import name 'kernels'" in check["reason"]
+    swapped = {**installed, "sarkern_at_end": str(ROOT / "sarkern" / "__init__.py")}
+    assert import_check(swapped)["ok"] is False
+    assert import_check(None)["ok"] is False
+
+
+def test_peer_requirements_name_the_rows_lost(monkeypatch):
+    """datasets 5.2.0 needs pyarrow>=24 and fsspec<=2026.9.0; TRL imports datasets: an image without them loses both
+    TRL rows, said up front with the reason, and nothing is imported to find out."""
+    versions = {"trl": "1.16.0", "datasets": "5.2.0", "pyarrow": "21.0.0", "fsspec": "2026.10.0", "dill": "0.4.1"}
+    requires = {
+        "trl": ["datasets>=3.0", "accelerate>=1.4; extra == 'never'"],
+        "datasets": ["pyarrow>=24.0.0", "fsspec[http]<=2026.9.0,>=2023.1.0", "dill<0.4.2,>=0.3.0"],
+        "dill": [],
+    }
+
+    def version(name):
+        if name not in versions:
+            raise install.importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(install.importlib.metadata, "version", version)
+    monkeypatch.setattr(install.importlib.metadata, "requires", lambda name: requires.get(name))
+    found = install.peer_requirements(("trl", "datasets", "dill", "liger-kernel"))
+    assert found["installed"]["liger-kernel"] is None
+    assert found["unmet"] == {
+        "datasets": ["pyarrow>=24.0.0 (here 21.0.0)", "fsspec[http]<=2026.9.0,>=2023.1.0 (here 2026.10.0)"]
+    }
+    assert set(found["lost"]) == {"trl", "datasets"} and "pyarrow>=24.0.0" in found["lost"]["trl"]
+    assert set(found["rows_lost"]) == {"trl_chunked", "trl_selective"}
+    versions.update(pyarrow="24.0.0", fsspec="2026.9.0")
+    assert install.peer_requirements(("trl", "datasets", "dill"))["lost"] == {}
+
+
+def test_interpreter_refusal_names_the_combination(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def broken():
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(interpreter, "_probe_kernel", broken)
+    monkeypatch.setattr(interpreter.importlib.metadata, "version", {"triton": "3.6.0", "numpy": "2.5.2"}.get)
+    why = interpreter.interpreter_refusal()
+    assert "Triton 3.6.0" in why and "numpy 2.5.2" in why and "0-dimensional" in why
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert interpreter.interpreter_refusal() is None  # compiled kernels: nothing to probe
+
+
+def test_the_report_names_its_card(tmp_path):
+    run = Run(FULL, Device("cpu"), tmp_path, "h200")
+    run.data.update(machine={"gpu": "NVIDIA H200"}, targets=evaluate_targets({}, FULL))
+    md = render(run)
+    assert md.startswith("# gpu-check on NVIDIA H200: h200")
+    assert "Measured on NVIDIA H200 in this run, bfloat16" in md and "[16384, 4096]" in md
+    assert "DESIGN" not in md
 
 
 def test_outcome_names_the_kind_of_failure():

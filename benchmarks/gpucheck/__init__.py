@@ -1,10 +1,14 @@
-"""`make gpu-check`: everything GPU-side in one run of at most 8 minutes (DESIGN.md sections 4 and 6).
+"""The GPU window's check: everything GPU-side in one run of at most 8 minutes. The command to send, its carry list
+and timeout: `benchmarks/GPU_WINDOW.md`.
 
 In order, each section in its own process and time budget (a hung kernel is killed, a broken CUDA context ends with
 its section), a failure in one recorded and the next one run:
-1. the device and versions (torch, Triton, driver, sarkern's commit and source digest, the peers): `environment.py`;
-2. `tests/test_gpu_*.py` through pytest (a subprocess with a hard timeout; pass/fail per test recorded):
-   `gpu_tests.py`;
+1. the device and versions (torch, Triton, driver, sarkern's commit and source digest, the peers and what they need),
+   the peers whose requirements the image does not meet (their rows refused by name), and on the CPU whether
+   Triton's interpreter can run sarkern's kernels: `environment.py` (`install.py`, `interpreter.py`);
+2. `tests/test_gpu_*.py` through pytest against the installed sarkern, the Triton kernel tests first, then the
+   FlexAttention ones (subprocesses with hard timeouts; pass/fail per test recorded; which sarkern they imported
+   recorded by the `import_probe.py` plugin and checked): `gpu_tests.py`;
 3. the two ceilings: HBM bandwidth (a large device-to-device copy, bytes read + written, and a read-only
    reduction) and bare cuBLAS GEMMs of section 4's shape (the logits GEMM and the two gradient GEMMs): `ceilings.py`;
 4. `linear_token_logprobs` forward (no grad) and forward + backward, `token_logprobs` from existing logits and
@@ -14,7 +18,11 @@ its section), a failure in one recorded and the next one run:
    (which sarkern configurations, kernel candidates included: `variants.py`; the float64 checks: `accuracy.py`);
 5. the SAR scorer at the Qwen3-1.7B shape (96 completions) with each attention backend against the paper's way:
    `scorer.py`;
-6. section 4's targets, each marked met or missed with its ratio: `targets.py`.
+6. the targets, each marked met or missed with its ratio: `targets.py`.
+
+The section budgets and each section process's start-up fit in the total (`settings.py`); a section is given its
+budget less only what the sections after it need of a run that ran late (`main.section_budget`), so the scorer,
+last, never gets only what is left.
 
 Writes `<out>/<device>-<date>.json` and `.md` after every section (a run stopped midway leaves what it measured;
 `report.py`, `render.py`) and the tests' log and JUnit XML beside them. `--tiny` runs the same code on the CPU at

@@ -15,11 +15,35 @@ from pathlib import Path
 import torch
 
 from . import ROOT
+from .install import peer_requirements, report_peer_requirements
+from .interpreter import interpreter_refusal
 from .report import Run
 from .settings import MiB
 from .variants import primary_sarkern
 
-PEERS = ("trl", "liger-kernel", "cut-cross-entropy", "transformers", "accelerate", "datasets", "flash-attn")
+# Read from the installed metadata (importlib.metadata), nothing imported: the peers and what they need at import
+# time, which the image may or may not have (TRL imports datasets, which needs pyarrow and fsspec).
+PEERS = (
+    "numpy",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "safetensors",
+    "huggingface-hub",
+    "trl",
+    "datasets",
+    "pyarrow",
+    "fsspec",
+    "pandas",
+    "xxhash",
+    "dill",
+    "multiprocess",
+    "liger-kernel",
+    "cut-cross-entropy",
+    "flash-attn",
+    "pytest",
+    "packaging",
+)
 
 
 def _command(*args: str) -> str | None:
@@ -48,6 +72,9 @@ def _version(dist: str) -> str | None:
 
 
 def environment(run: Run) -> None:
+    # First, so that the op sections know which peers' rows are lost even where sarkern fails to import below.
+    run.data["peer_requirements"] = peer_requirements()
+    report_peer_requirements(run.data["peer_requirements"])
     import sarkern
 
     device = run.device
@@ -70,7 +97,10 @@ def environment(run: Run) -> None:
         )
     else:
         machine.update(gpu=None, torch_threads=torch.get_num_threads())
-    commit = _command("git", "-C", str(ROOT), "rev-parse", "HEAD")
+    # Only this checkout's own repository: a copy of the tree inside another one (the emulation's) has no commit.
+    toplevel = _command("git", "-C", str(ROOT), "rev-parse", "--show-toplevel")
+    own = toplevel is not None and Path(toplevel).resolve() == ROOT.resolve()
+    commit = _command("git", "-C", str(ROOT), "rev-parse", "HEAD") if own else None
     dirty = _command("git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no")
     run.data["machine"] = machine
     run.data["versions"] = {
@@ -88,6 +118,11 @@ def environment(run: Run) -> None:
         "check_inputs": "check_inputs" in inspect.signature(sarkern.linear_token_logprobs).parameters,
         "backends": list(run.settings.backends),
     }
+    # Refused up front, by name, rather than failing (or crashing a section's process) in the middle of its rows.
+    refused = interpreter_refusal() if "triton" in run.settings.backends else None
+    run.data["sarkern"]["refused_backends"] = {"triton": refused} if refused else {}
     run.data["primary_sarkern"] = primary_sarkern(run)
     for key in ("machine", "versions", "sarkern"):
         print(f"   {key}: {json.dumps(run.data[key], default=str)}", flush=True)
+    if refused:
+        print(f"   sarkern[triton] REFUSED: {refused}", flush=True)

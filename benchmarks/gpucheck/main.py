@@ -43,7 +43,7 @@ SECTIONS = ("environment", "tests", "ceilings", "linear", "logits", "sequence_pe
 SECTION_GRACE_S = 20  # a section's process: start-up (imports) on top of its budget before it is killed
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=overview.split("\n\n")[0])
     parser.add_argument(
         "--tiny", action="store_true", help="CPU, tiny shapes, Triton's interpreter (what make test runs)"
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=SECTIONS[1:], help=argparse.SUPPRESS)  # one section's own process
     parser.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--tag", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.source_digest:
         print(source_digest())
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(
             settings,
             total_s=settings.total_s * args.budget_scale,
+            startup_s=settings.startup_s * args.budget_scale,
             budgets={k: v * args.budget_scale for k, v in settings.budgets.items()},
         )
     if not args.tiny and not torch.cuda.is_available():
@@ -111,25 +117,43 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with run.section("environment"):
         environment(run)
-    for name in SECTIONS[1:]:
-        if name in args.sections:
-            run_section_process(run, name, args)
+    selected = [name for name in SECTIONS[1:] if name in args.sections]
+    for i, name in enumerate(selected):
+        run_section_process(run, name, args, later=selected[i + 1 :])
     run.write()
     print("\n" + "\n".join(summary(run)), flush=True)
     print(f"\nwritten: {run.out / (tag + '.md')} and .json", flush=True)
-    return 0
+    not_ok = {name: s["status"] for name, s in run.data.get("sections", {}).items() if s["status"] != "ok"}
+    if not_ok:
+        print(f"sections not ok: {not_ok}", flush=True)
+    return 1 if not_ok else 0
 
 
-def run_section_process(run: Run, name: str, args) -> None:
+def section_budget(settings, name: str, later: list[str], elapsed: float) -> float:
+    """Seconds for section `name` when `elapsed` of the run are spent: its own budget, less only what the sections
+    still to come need (their budgets and start-ups) beyond what is left. A section late in the run (the scorer) so
+    keeps its whole budget when an earlier one ran long; the sections' budgets fit the total (a test checks)."""
+    reserved = sum(settings.budgets[other] + settings.startup_s for other in later)
+    return min(settings.budgets[name], settings.total_s - elapsed - settings.startup_s - reserved)
+
+
+def run_section_process(run: Run, name: str, args, later: list[str]) -> None:
     """Run one section in its own process, so that a hung kernel (killed at the budget's end, with a grace for
     start-up) or a broken CUDA context (an illegal address in one contender) costs that section only."""
-    budget = min(run.settings.budgets[name], run.settings.total_s - (time.monotonic() - run.started))
+    budget = section_budget(run.settings, name, later, time.monotonic() - run.started)
     sections = run.data.setdefault("sections", {})
+    planned = run.settings.budgets[name]
     if budget <= 1:
-        sections[name] = {"status": "skipped", "budget_s": 0, "seconds": 0, "reason": "no time left in the run"}
+        sections[name] = {
+            "status": "skipped",
+            "budget_s": 0,
+            "planned_s": planned,
+            "seconds": 0,
+            "reason": "no time left in the run",
+        }
         run.write()
         return
-    sections[name] = {"status": "running", "budget_s": budget}
+    sections[name] = {"status": "running", "budget_s": budget, "planned_s": planned}
     run.write()
     cmd = [sys.executable, str(SCRIPT), "--child", name, "--child-budget", f"{budget:.1f}"]
     cmd += ["--tag", run.tag, "--out", str(run.out), *(["--tiny"] if args.tiny else [])]
@@ -148,4 +172,5 @@ def run_section_process(run: Run, name: str, args) -> None:
         record.update(status="killed" if code is None else "crashed", reason=why)
         print(f"   section {name}: {why}", flush=True)
     record["process_seconds"] = round(time.monotonic() - start, 2)
+    record["planned_s"] = planned
     run.write()

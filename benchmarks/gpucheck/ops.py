@@ -8,8 +8,8 @@ import torch
 from .accuracy import check_output, reference_forward, reference_grads
 from .report import Run
 from .settings import MiB, tolerances
-from .timing import nbytes, outcome_of, ratio, sarkern_backend
-from .variants import forward_plan, kernel_candidates, primary_sarkern, sarkern_runner, sarkern_variants
+from .timing import Unavailable, nbytes, outcome_of, ratio, sarkern_backend
+from .variants import forward_plan, kernel_candidates, primary_sarkern, refusal, sarkern_runner, sarkern_variants
 
 
 def time_op_family(run: Run, family: str) -> None:
@@ -64,6 +64,9 @@ def _time_mode(run: Run, family: str, backward: bool, shape, dtype, result: dict
             leaf.grad = None
 
     def measure(key: str) -> dict:
+        refused = refusal(run, key, variants)
+        if refused:
+            raise Unavailable(refused)
         if key in variants:
             fn = sarkern_runner(family, variants[key], inputs, backward)
         else:
@@ -158,9 +161,14 @@ def time_sequence_perplexity(run: Run) -> None:
         sums.index_add_(0, segment_ids, token_ref)
         expected = torch.exp(-sums / torch.bincount(segment_ids, minlength=settings.segments))
     tol = tolerances(dtype)
-    for key, variant in sarkern_variants(run).items():
+    variants = sarkern_variants(run)
+    for key, variant in variants.items():
 
-        def measure(variant=variant):
+        def measure(variant=variant, key=key):
+            refused = refusal(run, key, variants)
+            if refused:
+                raise Unavailable(refused)
+
             def fn():
                 with torch.no_grad(), sarkern_backend(variant.backend):
                     return sarkern.sequence_perplexity(

@@ -33,9 +33,20 @@ def sarkern_variants(run: Run) -> dict[str, Variant]:
     return variants
 
 
+def refusal(run: Run, key: str, variants: dict[str, Variant]) -> str | None:
+    """Why the row `key` is not run here, decided before the section (environment.py): a sarkern backend that cannot
+    run (Triton's interpreter with this numpy), or a peer whose requirements the image does not meet."""
+    if key in variants:
+        return run.data.get("sarkern", {}).get("refused_backends", {}).get(variants[key].backend)
+    return run.data.get("peer_requirements", {}).get("rows_lost", {}).get(key)
+
+
 def primary_sarkern(run: Run) -> str:
-    """The sarkern contender section 4's targets are judged on: the first backend, unchecked where possible."""
-    keys = list(sarkern_variants(run))
+    """The sarkern contender the targets are judged on: the first backend not refused here, unchecked where
+    possible."""
+    variants = sarkern_variants(run)
+    refused = run.data.get("sarkern", {}).get("refused_backends", {})
+    keys = [k for k, v in variants.items() if v.backend not in refused] or list(variants)
     unchecked = [k for k in keys if "check_inputs=False" in k]
     return unchecked[0] if unchecked else keys[0]
 
