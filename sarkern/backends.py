@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -33,6 +34,43 @@ def _warn_no_triton_on_cuda() -> None:
     )
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run sarkern's kernels here, or None (it can, or it is not in use).
+
+    Known case: Triton 3.6's interpreter holds a scalar as a 1-element numpy array and converts it with `int()`,
+    which numpy >= 2.4 refuses, so every kernel with a loop over a runtime bound (all of sarkern's) fails deep in
+    the interpreter. A one-loop probe kernel finds it (and any other breakage of that kind) once per process."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" or not triton_available():
+        return None
+    return _interpreter_probe()
+
+
+@lru_cache(maxsize=1)
+def _interpreter_probe() -> str | None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def sum_to_n(out_ptr, n):
+        total = 0
+        for i in range(0, n):
+            total += i
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        sum_to_n[(1,)](out, 4)
+    except Exception as error:  # noqa: BLE001 - whatever the interpreter raises, it cannot run the kernels
+        versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("triton", "numpy"))
+        return (
+            f"Triton's interpreter cannot run a loop over a runtime bound here ({versions}: "
+            f"{type(error).__name__}: {str(error)[:120]}); Triton 3.6 needs numpy<2.4 (Triton 3.9 runs it)"
+        )
+    if int(out) != 6:
+        return f"Triton's interpreter computed {int(out)} for 0+1+2+3 in a probe kernel"
+    return None
+
+
 def requested_backend() -> str:
     name = os.environ.get("SARKERN_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
@@ -53,6 +91,9 @@ def select_backend(device: torch.device) -> str:
                 "SARKERN_BACKEND=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before sarkern's kernels are first used (it is slow, meant for tests), or use SARKERN_BACKEND=torch"
             )
+        problem = interpreter_problem() if device.type == "cpu" else None
+        if problem is not None:
+            raise RuntimeError(f"SARKERN_BACKEND=triton on CPU tensors: {problem}; or use SARKERN_BACKEND=torch")
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"SARKERN_BACKEND=triton does not support {device.type} tensors")
         return "triton"

@@ -68,14 +68,14 @@ def packed_path_obstacle(model: nn.Module, configs: list[Any]) -> str | None:
             )
     if getattr(model, "_is_stateful", False):
         return f"{type(model).__name__} is stateful (recurrent state across positions)"
-    chunk = config_value(config, "attention_chunk_size")
-    if chunk is not None:
-        return f"it uses chunked attention (config.attention_chunk_size={chunk}), a pattern applied only by its masks"
     if config_value(config, "attn_temperature_tuning") is True:
         return (
             "its attention temperature tuning (config.attn_temperature_tuning) computes query scales from the "
             "index of the row in the batch, not from the position ids"
         )
+    chunk = config_value(config, "attention_chunk_size")
+    if chunk is not None:
+        return f"it uses chunked attention (config.attention_chunk_size={chunk}), a pattern applied only by its masks"
     for name, _ in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("sinks", "s_aux"):

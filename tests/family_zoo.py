@@ -68,7 +68,7 @@ ZOO: dict[str, tuple[str, str, dict, str, str]] = {
     "llama4_temperature": (
         "Llama4TextConfig", "Llama4ForCausalLM",
         {"head_dim": 8, "intermediate_size_mlp": 64, "num_local_experts": 2, "num_experts_per_tok": 1,
-         "attention_chunk_size": None, "attn_temperature_tuning": True, "floor_scale": 4, "no_rope_layers": [0, 1]},
+         "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 4, "no_rope_layers": [0, 0]},
         "universal", "query scales from the row index (attn_temperature_tuning)",
     ),
     "gemma4": (
@@ -87,6 +87,8 @@ ZOO: dict[str, tuple[str, str, dict, str, str]] = {
 
 
 # Entries whose config older transformers releases cannot run (their own forward fails): the first release that can.
+# (llama4_temperature: both layers NoPE, so full attention; the chunk size, longer than any test sequence, is there
+# because Llama 4 builds its chunked mask whatever the layers, and transformers 5.17 refuses one without a size.)
 MIN_TRANSFORMERS = {"llama4_temperature": "5.0"}  # 4.x's Llama 4 builds chunked masks with no chunk size
 
 

@@ -145,6 +145,9 @@ def _family_specs() -> dict[str, tuple[type, type, dict]]:
                 "sliding_window": SLIDING_WINDOW,
                 "final_logit_softcapping": 2.0,
                 "attn_logit_softcapping": 1.0,
+                # transformers 5.17 builds Gemma2 with sdpa, which drops the attention soft-cap (the probe then
+                # rightly sends it to the universal path); eager is the attention the config defines.
+                "attn_implementation": "eager",
             },
         ),
         # Long factors beyond 24 positions: the test batches hold sequences on both sides.

@@ -86,6 +86,7 @@ def test_torch_path_multi_tile(monkeypatch):
     check_against_reference((2, 13), 24, 101, torch.float32, seed=7)
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 def test_triton_vocab_splits(num_splits, monkeypatch):
     """The forward splits the vocabulary across programs; every split count must give the same numbers."""
@@ -197,6 +198,7 @@ def test_splits_follow_the_compiled_kernels_occupancy(monkeypatch):
     assert linear_logprobs.combine_tile(12) == (16, 128) and linear_logprobs.combine_tile(128) == (128, 16)
 
 
+@pytest.mark.triton_interpreter
 def test_flattened_tile_loop_candidate(monkeypatch):
     """SARKERN_FORWARD_FLATTEN=1 changes only how the compiler pipelines the forward's loops (a `make gpu-check`
     candidate): the numbers stay the reference's, and a malformed value is refused by name."""

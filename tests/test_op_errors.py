@@ -110,3 +110,21 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         sarkern.token_logprobs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_triton_on_an_interpreter_that_cannot_run_the_kernels_is_refused_by_name(monkeypatch):
+    """Triton 3.6's interpreter with numpy >= 2.4 fails inside every kernel with a loop: refused before any kernel,
+    naming the versions and the way out."""
+    pytest.importorskip("triton")
+    from sarkern import backends
+
+    monkeypatch.setenv("SARKERN_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.interpreter_problem() is None or "interpreter" in backends.interpreter_problem()
+    broken = "Triton's interpreter cannot run a loop over a runtime bound here (triton 3.6.0, numpy 2.5.2: ...)"
+    monkeypatch.setattr(backends, "_interpreter_probe", lambda: broken)
+    with pytest.raises(RuntimeError, match=r"runtime bound here \(triton 3\.6\.0.*SARKERN_BACKEND=torch"):
+        sarkern.token_logprobs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backends.interpreter_problem() is None  # compiled kernels: nothing to probe

@@ -424,6 +424,7 @@ def test_no_dense_mask_is_built_by_the_model(monkeypatch):
 
 
 def test_self_aligned_reward_like_trl_calls_it():
+    pytest.importorskip("trl")
     model = tiny_model("qwen2")
     tokenizer = chat_tokenizer()
     reward_fn = SelfAlignedReward(model, tokenizer)
