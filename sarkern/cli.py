@@ -438,6 +438,9 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         requested_backend()
         check_writable(output_dir)
         record = read_run_record(output_dir) if options.resume else None
+        if record and isinstance(record.get("options"), dict):
+            # Runs recorded before --scale-rewards existed trained with TRL's default scaling.
+            record["options"].setdefault("scale_rewards", RECIPES["template"]["scale_rewards"])
         changed = changed_options(output_dir, record, run_defining_options(options)) if record else {}
     except (ValueError, RunDirError) as err:
         raise SetupError(str(err)) from None

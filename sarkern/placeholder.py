@@ -28,7 +28,8 @@ Two presets choose the conversation the placeholder is built from (``PLACEHOLDER
     official code would silently lose the system prompt) gets one user turn ``PAPER_SYSTEM_PROMPT + "\n" + question``
     instead. The placeholder is the same with an empty question: ``[system, user: ""]``, or the user turn
     ``PAPER_SYSTEM_PROMPT + "\n"``;
-  - without one (or for a plain-text prompt): the text ``"System: <PAPER_SYSTEM_PROMPT>\nUser: <question>\nAssistant: "``;
+  - without one (or for a plain-text prompt): the text
+    ``"System: <PAPER_SYSTEM_PROMPT>\nUser: <question>\nAssistant: "``;
   - the rendered text tokenized with ``add_special_tokens=False`` (no BOS added), as the official code does.
 
 :class:`PlaceholderPrompts` builds the placeholder of each prompt of a batch (cached per distinct system message);

@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-
 from scorer_models import float64_copy
 
 # The official code's system prompt, typed here again (not imported from sarkern: this file must not share its code).

@@ -113,3 +113,20 @@ def test_sarkern_train_placeholder_paper_run(tmp_path, capsys):
     assert system_turn in prompt and system_turn in placeholder
     assert placeholder.endswith(repr("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n")[1:])
     assert (out / "final").is_dir()
+
+
+def test_a_run_recorded_before_scale_rewards_existed_still_resumes_as_trl_default(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "old"
+    out.mkdir()
+    options = parse_options(["train", "--output-dir", str(out)])
+    recorded = cli.run_defining_options(options)
+    del recorded["scale_rewards"]  # what an older sarkern wrote: it trained with TRL's default scaling
+    record = {"run_id": "r1", "status": "finished", "steps": options.steps, "options": recorded}
+    (out / "sarkern-run.json").write_text(json.dumps(record), encoding="utf-8")
+    assert cli.main(["train", "--output-dir", str(out)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    # Asking for another scaling is a changed option, named.
+    assert cli.main(["train", "--output-dir", str(out), "--scale-rewards", "none"]) == 2
+    assert "--scale-rewards (recorded 'group', now 'none')" in capsys.readouterr().err

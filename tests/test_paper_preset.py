@@ -169,7 +169,8 @@ def test_paper_preset_equals_the_official_computation(case):
         for options in ({"use_log": True}, {"clip_value": 3.0}, {"use_log": True, "clip_value": 2.5},
                         {"use_denominator": False}):  # fmt: skip
             ours = sar_reward(want["ppl_cond"], want["ppl_uncond"], **options)
-            theirs = [official_reward(c, u, **options) for c, u in zip(want["ppl_cond"].tolist(), want["ppl_uncond"].tolist())]
+            pairs = zip(want["ppl_cond"].tolist(), want["ppl_uncond"].tolist())
+            theirs = [official_reward(c, u, **options) for c, u in pairs]
             assert ours.tolist() == pytest.approx(theirs, abs=1e-9, rel=1e-9)
         if temperature == 1.0:  # the test can fail: the template preset's halves (no system prompt) are off by far more
             template = SARScorer(model, tokenizer).score(
@@ -222,9 +223,10 @@ def test_without_a_chat_template_the_official_plain_text_without_special_tokens(
     assert prompts.default == prompts.for_prompt(text) == placeholder
     # A plain-text prompt with a tokenizer that has a chat template: the plain placeholder, never the templated one.
     chat = qwen3_tokenizer()
-    assert PlaceholderPrompts(chat, preset="paper").for_prompt(text) == chat(
-        f"System: {PAPER_SYSTEM_PROMPT}\nUser: \nAssistant: ", add_special_tokens=False
-    )["input_ids"]
+    assert (
+        PlaceholderPrompts(chat, preset="paper").for_prompt(text)
+        == chat(f"System: {PAPER_SYSTEM_PROMPT}\nUser: \nAssistant: ", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_chat_template_kwargs_reach_both_halves():
