@@ -78,22 +78,16 @@ class TrainOptions:
     debug: bool = False  # show tracebacks; also prints the first prompt and its SAR placeholder, decoded
 
     def __post_init__(self) -> None:
-        # Options left unset take the recipe of the placeholder preset; `recipe_applied` and `recipe_kept` say which.
-        recipe = RECIPES.get(self.placeholder, RECIPES["template"])
-        self.recipe_applied: dict[str, Any] = {}
-        self.recipe_kept: dict[str, Any] = {}
-        for name, value in recipe.items():
+        # Options left unset take the recipe of the placeholder preset (no other state: every attribute is an option).
+        for name, value in RECIPES.get(self.placeholder, RECIPES["template"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-                self.recipe_applied[name] = value
-            else:
-                self.recipe_kept[name] = getattr(self, name)
 
     def describe_recipe(self) -> str:
-        """One line: the recipe, what it set and which explicit options it left as given."""
-        applied = ", ".join(f"{k}={v!r}" for k, v in self.recipe_applied.items())
-        kept = ", ".join(f"{flag(k)} {v!r}" for k, v in self.recipe_kept.items() if RECIPES.get(self.placeholder,
-                         {}).get(k) != v)  # fmt: skip
+        """One line: the recipe's values in force, and the explicit options that differ from it (which won)."""
+        recipe = RECIPES.get(self.placeholder, RECIPES["template"])
+        applied = ", ".join(f"{k}={v!r}" for k, v in recipe.items() if getattr(self, k) == v)
+        kept = ", ".join(f"{flag(k)} {getattr(self, k)!r}" for k, v in recipe.items() if getattr(self, k) != v)
         line = f"recipe {self.placeholder!r} (--placeholder {self.placeholder}): " + (applied or "nothing applied")
         return line + (f"; explicit options kept: {kept}" if kept else "")
 

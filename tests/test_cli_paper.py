@@ -22,7 +22,7 @@ QUICK = ["--max-completion-length", "24", "--prompts-per-step", "2", "--num-prob
 def test_the_paper_recipe_is_one_switch_and_explicit_options_win(tmp_path):
     paper = parse_options(["train", "--placeholder", "paper"])
     assert (paper.scale_rewards, paper.num_generations, paper.sar_weight) == ("none", 6, 0.2)
-    assert paper.recipe_applied == RECIPES["paper"] and not paper.recipe_kept
+    assert {name: getattr(paper, name) for name in RECIPES["paper"]} == RECIPES["paper"]
     assert paper.describe_recipe() == (
         "recipe 'paper' (--placeholder paper): scale_rewards='none', num_generations=6, sar_weight=0.2"
     )
