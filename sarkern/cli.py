@@ -27,6 +27,17 @@ from typing import Any
 from .placeholder import PLACEHOLDER_PRESETS
 
 REWARDS = ("sar", "none", "self_confidence", "o1_pruner", "efficient_reasoner")
+SCALE_REWARDS = ("group", "batch", "none")  # TRL's GRPOConfig.scale_rewards
+
+# The training recipe each placeholder preset brings: the options below that the user leaves unset take these values
+# (an explicit option, command line or YAML, wins and is named in the log). `paper` is the official SAR runs'
+# (scripts/SA-grpo-*.sh of amazon-science's verl fork): advantages not divided by the group's reward std
+# (`algorithm.norm_adv_by_std_in_grpo=False`, TRL's `scale_rewards="none"`), 6 generations per prompt
+# (`rollout.n=6`), SAR weight 0.2 (`reward_factors=[1, 0.2]`). `template` keeps TRL's default scaling.
+RECIPES: dict[str, dict[str, Any]] = {
+    "template": {"scale_rewards": "group", "num_generations": 8, "sar_weight": 0.2},
+    "paper": {"scale_rewards": "none", "num_generations": 6, "sar_weight": 0.2},
+}
 
 
 @dataclass
@@ -39,14 +50,17 @@ class TrainOptions:
     answer_column: str = "answer"
     num_problems: int = 2000  # synthetic task size
     reward: str = "sar"  # sar | none | self_confidence | o1_pruner | efficient_reasoner
-    sar_weight: float = 0.2
-    placeholder: str = "template"  # SAR's placeholder prompt: template (chat template, system kept) | paper
+    sar_weight: float | None = None  # None: the recipe's (0.2)
+    # SAR's placeholder prompt and the recipe it brings (RECIPES): template (chat template, system kept) | paper (the
+    # official code's system prompt in the real prompts and the placeholder, and the paper's training recipe)
+    placeholder: str = "template"
+    scale_rewards: str | None = None  # group | batch | none (TRL's GRPOConfig.scale_rewards); None: the recipe's
     correctness_weight: float = 1.0
     length_penalty_weight: float = 0.2  # for o1_pruner / efficient_reasoner
     steps: int = 100
     output_dir: str = "runs/sarkern"
     seed: int = 0
-    num_generations: int = 8
+    num_generations: int | None = None  # None: the recipe's (template 8, paper 6)
     prompts_per_step: int = 8
     max_completion_length: int = 96
     learning_rate: float = 1e-4  # suits the tiny model; use ~1e-6 for billion-parameter models
@@ -62,7 +76,21 @@ class TrainOptions:
     drop_long_prompts: bool = False  # leave out prompts too long for the model (default: refuse them)
     text_answers: bool = False  # accept reference answers math-verify cannot parse, compared verbatim
     trust_remote_code: bool = False  # run Python code shipped in the model directory (never by default)
-    debug: bool = False  # show tracebacks
+    debug: bool = False  # show tracebacks; also prints the first prompt and its SAR placeholder, decoded
+
+    def __post_init__(self) -> None:
+        # Options left unset take the recipe of the placeholder preset (no other state: every attribute is an option).
+        for name, value in RECIPES.get(self.placeholder, RECIPES["template"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def describe_recipe(self) -> str:
+        """One line: the recipe's values in force, and the explicit options that differ from it (which won)."""
+        recipe = RECIPES.get(self.placeholder, RECIPES["template"])
+        applied = ", ".join(f"{k}={v!r}" for k, v in recipe.items() if getattr(self, k) == v)
+        kept = ", ".join(f"{flag(k)} {getattr(self, k)!r}" for k, v in recipe.items() if getattr(self, k) != v)
+        line = f"recipe {self.placeholder!r} (--placeholder {self.placeholder}): " + (applied or "nothing applied")
+        return line + (f"; explicit options kept: {kept}" if kept else "")
 
 
 # Options a resume may change: where and how often the run saves, how it runs on the machine, what it prints. Every
@@ -119,12 +147,22 @@ def _parser() -> argparse.ArgumentParser:
         elif f.name == "placeholder":
             train.add_argument(
                 flag, dest=f.name, choices=PLACEHOLDER_PRESETS, default=None,
-                help="SAR's placeholder prompt: template (default: the chat template with the question emptied, "
-                "system messages kept) or paper (the official code's fixed system prompt)",
+                help="SAR's placeholder prompt and training recipe: template (default: the chat template with the "
+                "question emptied, system messages kept; TRL's reward scaling) or paper (the official code's system "
+                "prompt in the real prompts and the placeholder, no std scaling of advantages, 6 generations, SAR "
+                "weight 0.2; explicit options win)",
+            )  # fmt: skip
+        elif f.name == "scale_rewards":
+            train.add_argument(
+                flag, dest=f.name, choices=SCALE_REWARDS, default=None,
+                help="TRL's scaling of GRPO advantages: group (template recipe), batch, or none (paper recipe)",
             )  # fmt: skip
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            train.add_argument(flag, dest=f.name, type=kind, default=None, help=f"default: {f.default}")
+            kind = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)
+            default = f.default
+            if f.name in RECIPES["template"]:
+                default = f"{RECIPES['template'][f.name]} (--placeholder paper: {RECIPES['paper'][f.name]})"
+            train.add_argument(flag, dest=f.name, type=kind, default=None, help=f"default: {default}")
     return parser
 
 
@@ -144,6 +182,8 @@ def parse_options(argv: list[str]) -> TrainOptions:
         raise SetupError(f"reward must be one of {REWARDS}, got {options.reward!r}")
     if options.placeholder not in PLACEHOLDER_PRESETS:
         raise SetupError(f"placeholder must be one of {PLACEHOLDER_PRESETS}, got {options.placeholder!r}")
+    if options.scale_rewards not in SCALE_REWARDS:
+        raise SetupError(f"scale_rewards must be one of {SCALE_REWARDS}, got {options.scale_rewards!r}")
     try:
         check_option_values(options)
     except ValueError as err:
@@ -271,10 +311,31 @@ def reward_setup(options: TrainOptions) -> tuple[list, list[float], dict[str, An
     return funcs, weights, sar
 
 
+def _paper_dataset(dataset, tokenizer, options: TrainOptions):
+    """The dataset's prompts as the official SAR code builds them (`sarkern.tasks.with_paper_prompts`); refused where
+    TRL would not tokenize them as the official code does."""
+    from .tasks import with_paper_prompts
+
+    if not getattr(tokenizer, "chat_template", None):
+        probe = "1 + 1 = 2"
+        if tokenizer(probe)["input_ids"] != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+            raise SetupError(
+                f"--placeholder paper: {options.model} has no chat template, so its prompts are the official code's "
+                "plain text, which the official code tokenizes without special tokens; TRL tokenizes plain-text "
+                "prompts with the tokenizer's special tokens (this one adds some, e.g. a BOS), so the real prompts "
+                "would differ from the paper's: give the model a chat template, or use --placeholder template"
+            )
+    try:
+        return with_paper_prompts(dataset, tokenizer)
+    except ValueError as err:
+        raise SetupError(f"--placeholder paper: {_one_line(err)}") from None
+
+
 def build_trainer(options: TrainOptions, callbacks: list | None = None):
     """Check every input, then build the SARGRPOTrainer. Raises SetupError before any training on bad input."""
     import torch
 
+    from .placeholder import PlaceholderError
     from .trainer import SARGRPOConfig, SARGRPOTrainer
     from .validation import check_answers_verifiable, fit_prompts
 
@@ -306,10 +367,13 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
         bf16=options.bf16,
         use_cpu=use_cpu,
         log_completions=False,
+        scale_rewards=options.scale_rewards,
         **({"gradient_checkpointing": True} if options.gradient_checkpointing else {}),
         **sar,
     )
     model, tokenizer = load_model_and_tokenizer(options.model, trust_remote_code=options.trust_remote_code)
+    if options.placeholder == "paper":
+        dataset = _paper_dataset(dataset, tokenizer, options)
     try:
         if options.dataset is not None:
             check_answers_verifiable(dataset["answer"], text_answers=options.text_answers)
@@ -331,14 +395,17 @@ def build_trainer(options: TrainOptions, callbacks: list | None = None):
         raise SetupError(
             f"the dataset has {len(dataset)} usable rows, fewer than prompts_per_step={options.prompts_per_step}"
         )
-    return SARGRPOTrainer(
-        model=model,
-        reward_funcs=funcs,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks or [],
-    )
+    try:
+        return SARGRPOTrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks or [],
+        )
+    except PlaceholderError as err:  # bad input (the model's template and the placeholder asked for), not a failure
+        raise SetupError(_one_line(err)) from None
 
 
 # --------------------------------------------------------------------------------------------------- train command
@@ -368,6 +435,9 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         requested_backend()
         check_writable(output_dir)
         record = read_run_record(output_dir) if options.resume else None
+        if record and isinstance(record.get("options"), dict):
+            # Runs recorded before --scale-rewards existed trained with TRL's default scaling.
+            record["options"].setdefault("scale_rewards", RECIPES["template"]["scale_rewards"])
         changed = changed_options(output_dir, record, run_defining_options(options)) if record else {}
     except (ValueError, RunDirError) as err:
         raise SetupError(str(err)) from None
@@ -407,6 +477,10 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         where = f"resuming from {checkpoint}" if checkpoint else "starting"
         engine = describe_engine(trainer.accelerator)  # what runs, never silently another engine than asked
         say(f"{where}; {trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device} ({engine})")
+        say(options.describe_recipe())
+        if options.debug:
+            for line in _first_prompt_lines(trainer):
+                say(line)
         try:
             if checkpoint is not None and checkpoint_step(checkpoint) >= options.steps:
                 trainer._load_from_checkpoint(str(checkpoint))  # stopped after its last step: nothing to train
@@ -433,6 +507,19 @@ def run_train(options: TrainOptions, extra_callbacks: list | None = None) -> Pat
         run.mark_finished(options.steps)
         say(f"metrics in {metrics_path}, plot in {output_dir / 'metrics.png'}, model in {final}")
     return output_dir
+
+
+def _first_prompt_lines(trainer) -> list[str]:
+    """The first training prompt as TRL tokenizes it for generation and its SAR placeholder, decoded (--debug)."""
+    prompt = trainer.train_dataset[0]["prompt"]
+    tokenizer = trainer.processing_class
+    prompt_ids = trainer._tokenize_prompts([prompt])[0][0]  # TRL's own tokenization of generation prompts
+    lines = [f"debug: prompt 1 as generated from: {tokenizer.decode(prompt_ids)!r}"]
+    scorer = getattr(trainer, "sar_scorer", None)
+    if scorer is not None and scorer.sar_options["use_comparison"]:
+        placeholder = scorer.placeholder_prompts.for_prompt(prompt)
+        lines.append(f"debug: its SAR placeholder ({trainer.args.sar_placeholder}): {tokenizer.decode(placeholder)!r}")
+    return lines
 
 
 def _changed_options_message(output_dir: Path, changed: dict[str, tuple]) -> str:

@@ -19,8 +19,18 @@ A template that cannot render the placeholder (one that raises on an empty user 
 Two presets choose the conversation the placeholder is built from (``PLACEHOLDER_PRESETS``):
 
 * ``"template"`` (default): each prompt's own system/developer messages and an empty user turn;
-* ``"paper"``: the official SAR code's fixed system prompt (:data:`PAPER_SYSTEM_PROMPT`) and an empty user turn, the
-  same for every prompt, to reproduce the paper's runs.
+* ``"paper"``: the official SAR code's placeholder (amazon-science's verl fork, ``create_ans_only_batch``), the same
+  for every prompt. The official code builds its real prompts the same way (:func:`paper_prompt`), so that both
+  halves of SAR see the same system prompt (:data:`PAPER_SYSTEM_PROMPT`):
+
+  - with a chat template: ``[system: PAPER_SYSTEM_PROMPT, user: question]`` rendered with the generation prompt; a
+    template that raises on the system turn (the official fallback) or renders without it (sarkern's addition: the
+    official code would silently lose the system prompt) gets one user turn ``PAPER_SYSTEM_PROMPT + "\n" + question``
+    instead. The placeholder is the same with an empty question: ``[system, user: ""]``, or the user turn
+    ``PAPER_SYSTEM_PROMPT + "\n"``;
+  - without one (or for a plain-text prompt): the text
+    ``"System: <PAPER_SYSTEM_PROMPT>\nUser: <question>\nAssistant: "``;
+  - the rendered text tokenized with ``add_special_tokens=False`` (no BOS added), as the official code does.
 
 :class:`PlaceholderPrompts` builds the placeholder of each prompt of a batch (cached per distinct system message);
 ``SelfAlignedReward`` and ``SARGRPOTrainer`` both use it, so both score ``ppl(a)`` after the same prefix.
@@ -37,10 +47,15 @@ import torch
 __all__ = [
     "PAPER_SYSTEM_PROMPT",
     "PLACEHOLDER_PRESETS",
+    "PAPER_PLAIN_PROMPT",
     "PLAIN_TEXT_PLACEHOLDER",
     "PlaceholderError",
     "PlaceholderPrompts",
     "build_placeholder_ids",
+    "paper_conversation",
+    "paper_placeholder_ids",
+    "paper_prompt",
+    "paper_prompt_ids",
     "placeholder_conversation",
     "plain_text_placeholder_ids",
     "validate_token_ids",
@@ -54,6 +69,9 @@ PLACEHOLDER_PRESETS = ("template", "paper")
 PAPER_SYSTEM_PROMPT = (
     "You are a reasoning expert assistant. Given a question, you will use your reasoning skills to solve the problem."
 )
+
+# The official code's prompt for a tokenizer without a chat template (its placeholder: the same, question empty).
+PAPER_PLAIN_PROMPT = "System: {system}\nUser: {question}\nAssistant: "
 
 # Roles whose messages stay in the placeholder conversation: they set up the assistant, they do not ask anything.
 _KEPT_ROLES = ("system", "developer")
@@ -179,6 +197,82 @@ def plain_text_placeholder_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def paper_conversation(
+    tokenizer: Any, question: Any, *, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The conversation the official SAR code renders for ``question`` with ``tokenizer``'s chat template.
+
+    ``[system: PAPER_SYSTEM_PROMPT, user: question]``, unless the template raises on it (the official code catches any
+    exception: a template without a system role) or renders it without the system prompt's text (a template that
+    drops system turns; the official code would lose the system prompt there): then one user turn
+    ``PAPER_SYSTEM_PROMPT + "\\n" + question``, as the official fallback. Decided per rendering, as there.
+    """
+    if not _has_chat_template(tokenizer):
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template: use paper_prompt (plain text)")
+    kwargs = dict(chat_template_kwargs or {})
+    with_system = [{"role": "system", "content": PAPER_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    try:
+        text = tokenizer.apply_chat_template(with_system, add_generation_prompt=True, tokenize=False, **kwargs)
+    except Exception:  # noqa: BLE001 - the official code's `except Exception`: no system role
+        text = None
+    if isinstance(text, str) and PAPER_SYSTEM_PROMPT in text:
+        return with_system
+    return [{"role": "user", "content": f"{PAPER_SYSTEM_PROMPT}\n{question}"}]
+
+
+def paper_prompt(
+    tokenizer: Any, question: str, *, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]] | str:
+    """The real prompt of ``question`` as the official SAR code builds it: :func:`paper_conversation` with a chat
+    template, else the plain text :data:`PAPER_PLAIN_PROMPT` (to be tokenized without special tokens)."""
+    if _has_chat_template(tokenizer):
+        return paper_conversation(tokenizer, question, chat_template_kwargs=chat_template_kwargs)
+    return PAPER_PLAIN_PROMPT.format(system=PAPER_SYSTEM_PROMPT, question=question)
+
+
+def paper_prompt_ids(
+    tokenizer: Any,
+    question: str,
+    *,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    use_chat_template: bool | None = None,
+) -> list[int]:
+    """Token ids of :func:`paper_prompt` as the official code makes them: the rendered text (generation prompt
+    included) tokenized with ``add_special_tokens=False``. ``use_chat_template=False``: the plain-text form even
+    when the tokenizer has a chat template (the placeholder of a plain-text prompt)."""
+    if use_chat_template is None:
+        use_chat_template = _has_chat_template(tokenizer)
+    if use_chat_template:
+        messages = paper_conversation(tokenizer, question, chat_template_kwargs=chat_template_kwargs)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **dict(chat_template_kwargs or {})
+        )
+    else:
+        text = PAPER_PLAIN_PROMPT.format(system=PAPER_SYSTEM_PROMPT, question=question)
+    return _flatten_ids(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def paper_placeholder_ids(
+    tokenizer: Any, *, chat_template_kwargs: Mapping[str, Any] | None = None, use_chat_template: bool | None = None
+) -> list[int]:
+    """The official code's placeholder prompt: :func:`paper_prompt_ids` with an empty question (see the module)."""
+    if use_chat_template is None:
+        use_chat_template = _has_chat_template(tokenizer)
+    try:
+        ids = paper_prompt_ids(
+            tokenizer, "", chat_template_kwargs=chat_template_kwargs, use_chat_template=use_chat_template
+        )
+    except Exception as err:  # noqa: BLE001 - the fallback (system prompt in the user turn) failed too
+        raise PlaceholderError(
+            f"the chat template of {type(tokenizer).__name__} cannot render SAR's paper placeholder (the paper's "
+            "system prompt as a system turn, or in the user turn, and the generation prompt): "
+            f"{type(err).__name__}: {' '.join(str(err).split())}; {EXPLICIT_IDS_HINT}"
+        ) from err
+    if not ids:
+        raise PlaceholderError(f"the paper placeholder prompt is empty; {EXPLICIT_IDS_HINT}")
+    return ids
+
+
 def _flatten_ids(ids: Any) -> list[int]:
     """``apply_chat_template`` / tokenizer output for one prompt as a flat list (some return a batch of one)."""
     if isinstance(ids, torch.Tensor):
@@ -240,13 +334,15 @@ class PlaceholderPrompts:
     Args:
         tokenizer: the tokenizer (or processor) that renders the real prompts.
         preset: ``"template"`` (each conversational prompt's system/developer messages kept) or ``"paper"`` (the
-            official code's fixed system prompt for every conversational prompt).
+            official code's placeholder for every prompt: :func:`paper_placeholder_ids`, its plain-text form for a
+            plain-text prompt).
         chat_template_kwargs: the arguments the real prompts are rendered with (e.g. ``{"enable_thinking": False}``).
         placeholder_ids: explicit ids for every prompt; then no preset applies.
 
     ``default`` is the placeholder of a conversation without system messages (with ``"paper"``: of every
     conversation; with explicit ids: of every prompt): the chat template with an empty user turn, or the plain-text
-    fallback without a template. A plain-text prompt gets :func:`plain_text_placeholder_ids` (built on first use).
+    fallback without a template. A plain-text prompt gets :func:`plain_text_placeholder_ids` (``"paper"``: the
+    official plain-text placeholder, no special tokens), built on first use.
     """
 
     def __init__(
@@ -266,9 +362,10 @@ class PlaceholderPrompts:
             self.default = [int(i) for i in placeholder_ids]
         elif tokenizer is None:
             raise ValueError("building a placeholder prompt needs a tokenizer or explicit placeholder_ids")
+        elif preset == "paper":
+            self.default = paper_placeholder_ids(tokenizer, chat_template_kwargs=self.chat_template_kwargs)
         else:
-            system = PAPER_SYSTEM_PROMPT if preset == "paper" else None
-            self.default = self._build([{"role": "system", "content": system}] if system else None)
+            self.default = self._build(None)
         self._cache: dict[str, list[int]] = {}
 
     def _build(self, conversation: Sequence[Mapping[str, Any]] | None) -> list[int]:
@@ -284,9 +381,7 @@ class PlaceholderPrompts:
 
     def _paper_preset_renders(self) -> bool:
         try:
-            build_placeholder_ids(
-                self.tokenizer, system_message=PAPER_SYSTEM_PROMPT, chat_template_kwargs=self.chat_template_kwargs
-            )
+            paper_placeholder_ids(self.tokenizer, chat_template_kwargs=self.chat_template_kwargs)
         except PlaceholderError:
             return False
         return True
@@ -307,15 +402,11 @@ class PlaceholderPrompts:
         return self._cache[key]
 
     def _plain_text(self) -> list[int]:
-        if self.preset == "paper":
-            # The paper's placeholder is its system prompt in the chat template; a plain prompt has no template.
-            raise PlaceholderError(
-                "placeholder preset 'paper' renders the paper's system prompt with the chat template, but this "
-                "prompt is plain text (no chat template): use the 'template' preset (a plain-text placeholder) or "
-                f"conversational prompts, or {EXPLICIT_IDS_HINT}"
-            )
         if self._plain is None:
-            self._plain = plain_text_placeholder_ids(self.tokenizer)
+            if self.preset == "paper":  # the official plain-text placeholder, never a chat-templated one
+                self._plain = paper_placeholder_ids(self.tokenizer, use_chat_template=False)
+            else:
+                self._plain = plain_text_placeholder_ids(self.tokenizer)
         return self._plain
 
     def for_prompts(self, prompts: Sequence[Any]) -> list[list[int]]:

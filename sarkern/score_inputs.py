@@ -13,14 +13,58 @@ __all__ = [
     "BatchIds",
     "IdsLike",
     "as_sequences",
+    "TOKENS_AFTER_EOS_RULES",
     "checked_mask",
     "cond_nll_from_logprobs",
+    "cut_after_first_eos",
+    "eos_ids_of",
     "placeholder_rows",
     "undeclared_padding_id",
 ]
 
 IdsLike = Sequence[int] | torch.Tensor
 BatchIds = Sequence[IdsLike] | torch.Tensor
+
+# What score() does with tokens after a completion's first EOS: "cut" them (the official SAR code and TRL never count
+# them: generation ended there, what follows is padding or garbage) or "raise".
+TOKENS_AFTER_EOS_RULES = ("cut", "raise")
+
+
+def eos_ids_of(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a completion, as TRL's GRPOTrainer takes them: the model's ``generation_config.eos_token_id``
+    (one id or several) and the tokenizer's ``eos_token_id``."""
+    ids: list[int] = []
+    generation = getattr(model, "generation_config", None)
+    for source in (getattr(generation, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for token in [source] if isinstance(source, int) else list(source or ()):
+            if isinstance(token, int) and not isinstance(token, bool) and token not in ids:
+                ids.append(token)
+    return ids
+
+
+def cut_after_first_eos(
+    completions: list[torch.Tensor], eos_ids: Sequence[int], rule: str
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Each completion up to and including its first EOS (``rule="cut"``), or ``ValueError`` naming the first
+    completion with tokens after its EOS (``rule="raise"``). Returns the completions and their kept lengths.
+
+    Padding is removed before this (masks, unpadded lists), so what is left after an EOS is text the caller passed:
+    with ``pad == eos`` and no mask, trailing pads are such tokens and are cut too."""
+    if not eos_ids:
+        return completions, [len(c) for c in completions]
+    eos = torch.tensor(list(eos_ids), dtype=torch.long)
+    out = []
+    for i, completion in enumerate(completions):
+        hits = torch.isin(completion, eos).nonzero()
+        end = int(hits[0]) + 1 if hits.numel() else len(completion)
+        if end < len(completion) and rule == "raise":
+            raise ValueError(
+                f"completion_ids[{i}] has {len(completion) - end} tokens after its first EOS (id "
+                f"{int(completion[end - 1])} at position {end - 1}): they were never generated as part of the answer; "
+                "pass completions cut after their first EOS, or build the scorer with tokens_after_eos='cut'"
+            )
+        out.append(completion[:end])
+    return out, [len(c) for c in out]
 
 
 def undeclared_padding_id(tokenizer: Any) -> int | None:
@@ -174,8 +218,11 @@ def cond_nll_from_logprobs(
     cond_logprobs: Any,
     completions: list[torch.Tensor],
     completion_mask: torch.Tensor | None,
+    kept_lengths: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Mean NLL per completion from the caller's per-token log-probs (see :meth:`sarkern.SARScorer.score`)."""
+    """Mean NLL per completion from the caller's per-token log-probs (see :meth:`sarkern.SARScorer.score`), one per
+    token of ``completions`` as given; ``kept_lengths``: the mean over each one's first tokens only (the completion
+    cut after its first EOS)."""
     batch = len(completions)
     if isinstance(cond_logprobs, torch.Tensor):
         if cond_logprobs.dim() != 2 or cond_logprobs.shape[0] != batch:
@@ -212,6 +259,8 @@ def cond_nll_from_logprobs(
             raise ValueError(
                 f"cond_logprobs[{i}] has {row.numel()} log-probs for a completion of {completion.numel()} tokens"
             )
+        if kept_lengths is not None:
+            row = row[: kept_lengths[i]]
         if row.numel() == 0:
             continue
         if bool(torch.isnan(row).any()) or bool((row > 1e-4).any()):

@@ -46,7 +46,16 @@ from .ops import check_temperature
 from .packing import Pair, build_pass, plan_passes
 from .placeholder import PlaceholderPrompts, is_conversation, validate_placeholder_preset, validate_token_ids
 from .sar import sar_reward_from_nll, validate_sar_options
-from .score_inputs import BatchIds, IdsLike, as_sequences, cond_nll_from_logprobs, placeholder_rows
+from .score_inputs import (
+    TOKENS_AFTER_EOS_RULES,
+    BatchIds,
+    IdsLike,
+    as_sequences,
+    cond_nll_from_logprobs,
+    cut_after_first_eos,
+    eos_ids_of,
+    placeholder_rows,
+)
 from .scoring_model import ScoringModel
 from .sharding import check_whole_parameters, gathered_call
 from .structure import packed_path_obstacle
@@ -125,6 +134,11 @@ class SARScorer:
         scoring_path: ``"auto"`` (default): the packed path where it is proven on the model, the universal path
             otherwise; ``"packed"``: the packed path or :class:`UnsupportedModelError` naming why it is not proven;
             ``"universal"``: the model's own forward in right-padded batches (no probe of the packed path).
+        tokens_after_eos: what :meth:`score` does with a completion's tokens after its first EOS: ``"cut"``
+            (default) scores each completion up to and including its first EOS, as the official SAR code (its
+            response mask) and TRL (its completion mask) do; ``"raise"``: ``ValueError`` naming the completion.
+        eos_token_ids: the ids that end a completion; default: TRL's, the model's ``generation_config.eos_token_id``
+            and the tokenizer's ``eos_token_id``. ``()``: none (every completion scored whole).
 
     Attributes:
         scoring_path, scoring_path_reason: the path the last scoring took (``"packed"``/``"universal"``; ``None``
@@ -158,6 +172,8 @@ class SARScorer:
         forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
         lm_head_fp32: bool = False,
         scoring_path: ScoringPath = "auto",
+        tokens_after_eos: Literal["cut", "raise"] = "cut",
+        eos_token_ids: Sequence[int] | None = None,
     ) -> None:
         check_config_traps(model)
         if scoring_path not in SCORING_PATHS:
@@ -176,6 +192,14 @@ class SARScorer:
         temperature = check_temperature(temperature)  # any real number type (numpy scalars too), fp32-safe
         if isinstance(max_tokens_per_pass, bool) or not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1:
             raise ValueError(f"max_tokens_per_pass must be a positive int, got {max_tokens_per_pass!r}")
+        if tokens_after_eos not in TOKENS_AFTER_EOS_RULES:
+            raise ValueError(f"tokens_after_eos must be 'cut' or 'raise', got {tokens_after_eos!r}")
+        if eos_token_ids is None:
+            eos_token_ids = eos_ids_of(model, tokenizer)
+        elif isinstance(eos_token_ids, int):
+            eos_token_ids = [eos_token_ids]
+        eos_token_ids = validate_token_ids(eos_token_ids, name="eos_token_ids", allow_empty=True)
+        self.tokens_after_eos = tokens_after_eos
         if empty_completions not in ("nan", "raise"):
             raise ValueError(f"empty_completions must be 'nan' or 'raise', got {empty_completions!r}")
         if attention_backend not in ATTENTION_BACKENDS:
@@ -214,6 +238,10 @@ class SARScorer:
             if obstacle is not None:
                 self._set_path("universal", f"{view.name}: {obstacle}")
         self.vocab_size = view.vocab_size
+        # The ids score() cuts completions after (checked against the vocabulary, as every id it is given).
+        self.eos_token_ids = validate_token_ids(
+            eos_token_ids, name="eos_token_ids", vocab_size=self.vocab_size, allow_empty=True
+        )
 
         # The placeholder of each prompt (PlaceholderPrompts.for_prompts); `placeholder_ids` is the default one.
         self.placeholder_prompts: PlaceholderPrompts | None = None
@@ -320,11 +348,15 @@ class SARScorer:
             prompt_ids: one prompt per completion (a GRPO group repeats its prompt; repeats are encoded once), as a
                 list of token-id sequences or a 2-D tensor (with ``prompt_mask`` when it is padded, left or right).
             completion_ids: the completions, EOS included if generated; same forms (``completion_mask`` for padding).
+                Tokens after a completion's first EOS (:attr:`eos_token_ids`), masked-in ones included, are cut
+                (``tokens_after_eos="cut"``, the default: never scored, as in the official code and TRL) or refused
+                (``"raise"``); ``num_tokens`` counts what is scored.
             cond_logprobs: optional per-token ``log p(a_t | q, a_<t)`` at the scorer's temperature, from the current
                 weights, to skip the conditioned half. Either a list of 1-D tensors (one log-prob per completion
                 token), or a 2-D tensor ``[batch, L]``: with ``completion_mask`` of the same shape its masked entries
                 are used (a GRPO trainer's per-token log-probs and completion mask); otherwise the first
-                ``len(completion_i)`` entries of row ``i``.
+                ``len(completion_i)`` entries of row ``i``. One log-prob per completion token as given: those of
+                tokens cut after the first EOS are left out of the mean.
             placeholder_ids: overrides the scorer's placeholder prompt: one sequence for all completions, or one per
                 completion (e.g. to keep each prompt's system message).
             prompt_mask, completion_mask: 0/1 masks selecting the tokens of padded 2-D inputs.
@@ -347,6 +379,8 @@ class SARScorer:
             completion_ids, completion_mask, "completion_ids", allow_empty=True, vocab_size=vocab,
             tokenizer=self.tokenizer,
         )
+        given = completions
+        completions, kept = cut_after_first_eos(given, self.eos_token_ids, self.tokens_after_eos)
         batch = len(completions)
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts and {batch} completions; pass one prompt per completion")
@@ -364,7 +398,7 @@ class SARScorer:
         nan = torch.full((batch,), math.nan, dtype=torch.float32)
         cond_given = cond_logprobs is not None
         if cond_given:  # checked before any forward runs
-            nll_cond = cond_nll_from_logprobs(cond_logprobs, completions, completion_mask)
+            nll_cond = cond_nll_from_logprobs(cond_logprobs, given, completion_mask, kept)
         ppl_cond = ppl_uncond = nan
         path = None
         if not cond_given or use_comparison:  # a forward is needed for at least one half
@@ -516,9 +550,11 @@ class SelfAlignedReward:
     their token ids and every other dataset column as keyword arguments. The prompts are tokenized the way TRL's
     ``GRPOTrainer`` does (``apply_chat_template(..., add_generation_prompt=True)`` for conversations, the tokenizer
     otherwise), unless a ``prompt_ids`` column/keyword provides the ids. For conversational prompts the placeholder
-    keeps each prompt's system (and developer) messages (`placeholder="paper"`: the paper's fixed system prompt
-    instead). Give it the model instance the trainer trains, so that SAR uses the current
-    policy weights. Empty completions get ``None`` (TRL's "not applicable").
+    keeps each prompt's system (and developer) messages (`placeholder="paper"`: the official code's placeholder,
+    :mod:`sarkern.placeholder`; build the prompts with :func:`sarkern.placeholder.paper_prompt` so that the real
+    prompts carry the same system prompt). Give it the model instance the trainer trains, so that SAR uses the current
+    policy weights. Empty completions get ``None`` (TRL's "not applicable"). Tokens after a completion's first EOS
+    are cut before scoring (TRL's completion ids already end there; ``tokens_after_eos="raise"`` refuses them).
 
     TRL logs it as ``rewards/sar/...``; when TRL passes ``log_metric``, the mean perplexities are logged as
     ``sar/ppl_cond`` and ``sar/ppl_uncond``.

@@ -234,6 +234,28 @@ def make_prompt(question: str, system_prompt: str | None = None) -> list[dict[st
     return messages
 
 
+def with_paper_prompts(dataset: Dataset, tokenizer: Any, chat_template_kwargs: dict | None = None) -> Dataset:
+    """`dataset` with each prompt rebuilt as the official SAR code builds its prompts from the question
+    (`sarkern.placeholder.paper_prompt`): the paper's system prompt, then the question (a system turn, or in the user
+    turn for templates without a system role), or the official plain text for a tokenizer without a chat template.
+
+    The question is the prompt's user message; a prompt with anything else (its own system message, several turns)
+    is refused, since the paper's prompt has room for nothing else."""
+    from .placeholder import paper_prompt
+
+    prompts = []
+    for row, prompt in enumerate(dataset["prompt"], start=1):
+        roles = [m.get("role") for m in prompt] if isinstance(prompt, list) else None
+        if roles != ["user"] or not isinstance(prompt[0].get("content"), str):
+            raise ValueError(
+                f"dataset row {row}: the paper's prompts are its system prompt and one question, but this prompt is "
+                f"{roles or type(prompt).__name__}; give one user message per row, or use --placeholder template"
+            )
+        prompts.append(paper_prompt(tokenizer, prompt[0]["content"], chat_template_kwargs=chat_template_kwargs))
+    others = {name: dataset[name] for name in dataset.column_names if name != "prompt"}
+    return Dataset.from_dict({"prompt": prompts, **others})
+
+
 def synthetic_arithmetic_dataset(
     n: int = 1000,
     seed: int = 0,

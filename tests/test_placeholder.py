@@ -173,12 +173,15 @@ def test_sar_of_a_plain_text_prompt_is_measured_after_the_plain_placeholder():
     assert got == pytest.approx(plain, abs=1e-4)
 
 
-def test_no_plain_text_placeholder_when_the_tokenizer_adds_nothing_or_the_preset_needs_the_template():
+def test_no_plain_text_placeholder_when_the_tokenizer_adds_nothing():
     tokenizer = chat_tokenizer()  # adds no BOS: an empty text has no tokens
     with pytest.raises(PlaceholderError, match=r"tokenization of an empty text, which is empty .*\(placeholder_ids="):
         PlaceholderPrompts(tokenizer).for_prompt("what is 2+2?")
-    with pytest.raises(PlaceholderError, match=r"preset 'paper' renders the paper's system prompt with the chat tem"):
-        PlaceholderPrompts(bos_chat_tokenizer(), preset="paper").for_prompt("what is 2+2?")
+    # The paper preset has the official code's plain-text placeholder for plain-text prompts (issue 24), no BOS.
+    bos = bos_chat_tokenizer()
+    assert bos.decode(PlaceholderPrompts(bos, preset="paper").for_prompt("what is 2+2?")) == (
+        f"System: {PAPER_SYSTEM_PROMPT}\nUser: \nAssistant: "
+    )
     with pytest.raises(TypeError, match="a prompt must be text or a list of chat messages, got int"):
         PlaceholderPrompts(tokenizer).for_prompt(3)
 
@@ -208,9 +211,12 @@ def test_a_template_that_raises_on_the_placeholder_is_named_with_the_way_out():
         "generation prompt): TemplateError: user messages must have content [placeholder preset 'template']; "
     )
     assert "placeholder_ids=" in message and "sar_placeholder_ids=" in message
-    assert "--placeholder paper" not in message  # the paper's placeholder has an empty user turn too: no way out
-    with pytest.raises(PlaceholderError, match=r"the system message \+ an empty user turn .* preset 'paper'"):
-        PlaceholderPrompts(tokenizer, preset="paper")
+    # The paper preset renders here: its fallback (the official code's) puts the system prompt in the user turn,
+    # which is then not empty; so it is offered.
+    assert "use --placeholder paper" in message
+    assert tokenizer.decode(PlaceholderPrompts(tokenizer, preset="paper").default) == (
+        f"<|im_start|>user\n{PAPER_SYSTEM_PROMPT}\n<|im_end|>\n<|im_start|>assistant\n"
+    )
     # A template that only wants a system message: the paper preset renders, so it is offered.
     tokenizer.chat_template = SYSTEM_REQUIRED
     with pytest.raises(PlaceholderError, match=r"a system message comes first .* use --placeholder paper"):

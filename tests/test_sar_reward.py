@@ -133,3 +133,75 @@ def test_accepts_python_numbers_and_broadcasts():
     assert float(sar_reward(2.0, 4.0)) == pytest.approx(0.5)
     got = sar_reward([2.0, 4.0, 8.0], 4.0)
     torch.testing.assert_close(got, torch.tensor([0.5, 0.0, -1.0]))
+
+
+# ---------------------------------------------------------------- issue 24: tokens after a completion's first EOS
+
+
+def _scorer_setup():
+    from scorer_models import chat_tokenizer, random_ids, tiny_model
+
+    model, tokenizer = tiny_model("llama"), chat_tokenizer()
+    eos = tokenizer.eos_token_id
+    generator = torch.Generator().manual_seed(3)
+    prompt = [4, *random_ids(generator, 6)]
+    answer = [i for i in random_ids(generator, 5) if i != eos] + [eos]  # ends at its EOS
+    after = random_ids(generator, 4)  # what a caller might leave after it: more text, or pads with pad == eos
+    return model, tokenizer, prompt, answer, after
+
+
+def test_score_cuts_each_completion_after_its_first_eos():
+    from sarkern.scorer import SARScorer
+
+    model, tokenizer, prompt, answer, after = _scorer_setup()
+    eos = tokenizer.eos_token_id
+    scorer = SARScorer(model, tokenizer)
+    # TRL's: the generation config's EOS ids (Llama's config default, 2) and the tokenizer's.
+    assert sorted(scorer.eos_token_ids) == sorted({model.generation_config.eos_token_id, eos}) == [2, eos]
+    reference = scorer.score([prompt], [answer])
+    for extra in (after, [eos] * 3):  # text after the EOS, or right padding with pad == eos and no mask
+        cut = scorer.score([prompt], [answer + extra])
+        assert cut.num_tokens.tolist() == [len(answer)]
+        assert torch.equal(cut.reward, reference.reward) and torch.equal(cut.ppl_uncond, reference.ppl_uncond)
+    # A padded 2-D batch whose mask covers tokens after the EOS (pad == eos): the mask first, then the cut.
+    ids = torch.tensor([answer + after + [0, 0], answer + [eos] * 6])
+    mask = torch.tensor([[1] * (len(answer) + len(after)) + [0, 0], [1] * (len(answer) + 6)])
+    batch = scorer.score([prompt, prompt], ids, completion_mask=mask)
+    assert batch.num_tokens.tolist() == [len(answer)] * 2
+    assert torch.allclose(batch.reward, reference.reward.expand(2), rtol=0, atol=1e-6)
+    # Caller's conditioned log-probs, one per token as given: the cut ones are left out of the mean.
+    logprobs = torch.tensor([-0.5] * len(answer) + [-9.0] * len(after))
+    given = scorer.score([prompt], [answer + after], cond_logprobs=[logprobs])
+    assert given.ppl_cond.item() == pytest.approx(math.exp(0.5), rel=1e-6)
+    # Without an EOS the completion is scored whole (a completion truncated at the length limit).
+    assert scorer.score([prompt], [answer[:-1] + after]).num_tokens.tolist() == [len(answer) - 1 + len(after)]
+
+
+def test_score_refuses_tokens_after_the_first_eos_when_asked():
+    from sarkern.scorer import SARScorer
+
+    model, tokenizer, prompt, answer, after = _scorer_setup()
+    scorer = SARScorer(model, tokenizer, tokens_after_eos="raise")
+    scorer.score([prompt], [answer])  # ending at the EOS is fine
+    with pytest.raises(ValueError, match=rf"completion_ids\[1\] has {len(after)} tokens after its first EOS"):
+        scorer.score([prompt, prompt], [answer, answer + after])
+    with pytest.raises(ValueError, match="tokens_after_eos must be 'cut' or 'raise'"):
+        SARScorer(model, tokenizer, tokens_after_eos="keep")
+    # eos_token_ids=(): no EOS known, every completion scored whole, as given.
+    whole = SARScorer(model, tokenizer, eos_token_ids=())
+    assert whole.score([prompt], [answer + after]).num_tokens.tolist() == [len(answer) + len(after)]
+    with pytest.raises(ValueError, match="eos_token_ids holds token id 999"):
+        SARScorer(model, tokenizer, eos_token_ids=[999]).score([prompt], [answer])
+
+
+def test_self_aligned_reward_cuts_after_the_first_eos_too():
+    from sarkern.scorer import SelfAlignedReward
+
+    model, tokenizer, _, answer, after = _scorer_setup()
+    prompts = [[{"role": "user", "content": "2+2?"}]] * 2
+    reward = SelfAlignedReward(model, tokenizer)
+    got = reward(prompts=prompts, completions=["x", "x"], completion_ids=[answer, answer + after])
+    assert got[0] == got[1]
+    strict = SelfAlignedReward(model, tokenizer, tokens_after_eos="raise")
+    with pytest.raises(ValueError, match="tokens after its first EOS"):
+        strict(prompts=prompts, completions=["x", "x"], completion_ids=[answer, answer + after])
