@@ -21,3 +21,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_accelerate_mixed_precision():
+    """transformers 4.x's `TrainingArguments(bf16=True)` writes ACCELERATE_MIXED_PRECISION=bf16 into the process
+    environment, and every later TrainingArguments without bf16 or fp16 inherits it: undo that after each test."""
+    name = "ACCELERATE_MIXED_PRECISION"
+    saved = os.environ.get(name)
+    yield
+    if saved is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = saved
+
