@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sarkern-installed
 
-.PHONY: install test test-fast bench train lint clean static-report gpu-wheels gpu-check gpu-emulation \
+.PHONY: install test test-oldest test-fast bench train lint clean static-report gpu-wheels gpu-check gpu-emulation \
 	gpu-emulation-tests
 
 $(PY):
@@ -22,6 +22,37 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# The oldest transformers setup.py admits (TRL 1.16's own floor), tested in a second, light venv that shares .venv's
+# packages through a .pth file and holds only what that release needs to differ: transformers 4.x wants tokenizers
+# <= 0.23.0 and huggingface_hub < 1.0, and datasets 5.x wants huggingface_hub >= 1.31, so datasets (4.8.5, with the
+# fsspec and httpx it pins) differs too. Runs the scorer, trainer, CLI, tiny-model and TRL drop-in tests (~3 min).
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_TRANSFORMERS ?= 4.56.2
+OLDEST_PINS ?= transformers==$(OLDEST_TRANSFORMERS) tokenizers==0.22.2 huggingface_hub==0.36.2 datasets==4.8.5 \
+	fsspec==2026.2.0 httpx==0.28.1 httpcore==1.0.9
+OLDEST_STAMP := $(OLDEST_VENV)/.sarkern-oldest-installed
+OLDEST_TESTS ?= tests/test_scorer.py tests/test_tiny_model.py tests/test_cli.py tests/test_trl_dropin.py \
+	tests/test_trainer.py::test_sar_is_scored_logged_and_enters_the_advantages \
+	tests/test_trainer.py::test_old_logprobs_are_reused_when_the_trainer_has_them \
+	tests/test_trainer.py::test_trainer_with_a_peft_lora_policy
+
+$(OLDEST_STAMP): $(STAMP) Makefile
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv --system-site-packages $(OLDEST_VENV)
+	$(OLDEST_PY) -c "import sysconfig; print('import site; site.addsitedir(%r)' % '$(abspath $(VENV))' \
+		.join(sysconfig.get_paths()['purelib'].rsplit('$(abspath $(OLDEST_VENV))', 1)))" \
+		> "$$($(OLDEST_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_sarkern_shared_venv.pth"
+	$(OLDEST_PY) -m pip install --quiet --no-deps $(OLDEST_PINS)
+	$(OLDEST_PY) -c "import importlib.metadata as m, sarkern, torch, trl; \
+		assert m.version('transformers') == '$(OLDEST_TRANSFORMERS)', m.version('transformers'); \
+		print('oldest venv: transformers', m.version('transformers'), '| torch', torch.__version__, '| trl', \
+		trl.__version__, '| sarkern from', sarkern.__file__)"
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_PY) -m pytest $(OLDEST_TESTS)
 
 # The GPU-only contenders (Liger, Cut Cross-Entropy) come with the bench extra; the suite runs without them.
 bench: $(STAMP)
@@ -39,7 +70,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check sarkern kernels tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache
 
 # ---- A GPU window ----------------------------------------------------------------------------------------------
 # The call to send (command, carry list, timeout) is in benchmarks/GPU_WINDOW.md, the one place it is written.

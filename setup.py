@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         "train": [
-            "transformers>=4.56",
+            # 4.56.2: TRL 1.16's own floor; CI runs the scorer, trainer and CLI tests on it (`make test-oldest`).
+            "transformers>=4.56.2",
             "trl>=1.16,<2",  # tested: >=1.16,<1.17 (sarkern.trainer.TESTED_TRL)
             "accelerate>=1.4",
             "datasets>=3.0",

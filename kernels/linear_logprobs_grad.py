@@ -32,6 +32,7 @@ from ._common import (
     gemm_operand,
     interpreting,
     on_operand_device,
+    soft_cap,
     soft_cap_slope,
     tma_loads,
 )
@@ -99,7 +100,11 @@ def _grad_logits_kernel(
     tile_cols = tl.arange(0, BLOCK_V)
     cols = tile_start.to(tl.int64) + tile_cols
     row_mask = rows < n_tokens
-    # x in log2 units: x = logit / T * log2(e), as in the forward.
+    # x in log2 units: x = logit / T * log2(e), as in the forward. With SOFTCAP the tile comes uncapped and unscaled
+    # and is capped here, as `_logits_tile` does it: the cap's slope needs the raw logits.
+    tile_scale = logit_scale
+    if SOFTCAP:
+        tile_scale = 1.0
     x = _logits_tile(
         hidden,
         weight,
@@ -111,10 +116,10 @@ def _grad_logits_kernel(
         dim,
         stride_hn,
         stride_wv,
-        logit_scale,
+        tile_scale,
         softcap,
         HAS_BIAS,
-        SOFTCAP,
+        False,
         UPCAST,
         PRECISION,
         TMA,
@@ -122,6 +127,9 @@ def _grad_logits_kernel(
         BLOCK_V,
         BLOCK_D,
     )
+    if SOFTCAP:
+        slope = soft_cap_slope(x, softcap)
+        x = tl.where(cols[None, :] < vocab, soft_cap(x, softcap) * logit_scale, float("-inf"))
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (targets != ignore_index)
     # The target as an int32 column of this tile (-1: not in it).
@@ -138,7 +146,7 @@ def _grad_logits_kernel(
         grad_x -= g_entropy[:, None] * tl.where(p > 0, p * (log2_p * LN2 + entropy[:, None]), 0.0)
     grad_x *= inv_temperature
     if SOFTCAP:
-        grad_x *= soft_cap_slope(x / logit_scale, softcap)
+        grad_x *= slope
     out = grad_logits_ptr + rows[:, None] * stride_gn + cols[None, :]
     tl.store(out, grad_x.to(grad_logits_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < vocab))
 

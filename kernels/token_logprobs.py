@@ -12,7 +12,8 @@ index is ever dereferenced and a bad target cannot cause an out-of-bounds read.
 Backward: with `p = softmax(x)`, d log p(target) / dx = onehot - p and d entropy / dx = -p * (log p + entropy);
 both are divided by T for the gradient with respect to the logits.
 
-Soft-capping (`SOFTCAP`): `x = cap * tanh(logit / cap) / T`; the backward multiplies by `1 - tanh^2`.
+Soft-capping (`SOFTCAP`): `x = cap * tanh(logit / cap) / T`; the backward multiplies by sech^2(logit / cap), from the
+raw logit.
 """
 
 from __future__ import annotations
@@ -32,13 +33,23 @@ def _row_offset(row, rows_inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _raw_logits(row_ptr, cols, vocab):
+    """fp32 logits of one block of a row; -inf past the vocabulary."""
+    return tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _cap_and_scale(z, cols, vocab, inv_temperature, softcap, SOFTCAP: tl.constexpr):
+    """fp32 `x = z / T` of raw logits `z` (soft-capped first with SOFTCAP); -inf past the vocabulary."""
+    if SOFTCAP:
+        z = tl.where(cols < vocab, soft_cap(z, softcap), float("-inf"))
+    return z * inv_temperature
+
+
+@triton.jit
 def _scaled_logits(row_ptr, cols, vocab, inv_temperature, softcap, SOFTCAP: tl.constexpr):
     """fp32 `x = logits / T` (soft-capped first with SOFTCAP) of one block of a row; -inf past the vocabulary."""
-    mask = cols < vocab
-    z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    if SOFTCAP:
-        z = tl.where(mask, soft_cap(z, softcap), float("-inf"))
-    return z * inv_temperature
+    return _cap_and_scale(_raw_logits(row_ptr, cols, vocab), cols, vocab, inv_temperature, softcap, SOFTCAP)
 
 
 @triton.jit
@@ -127,7 +138,8 @@ def _token_logprobs_bwd_kernel(
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
         mask = cols < vocab
-        x = _scaled_logits(row_ptr, cols, vocab, inv_temperature, softcap, SOFTCAP)
+        z = _raw_logits(row_ptr, cols, vocab)
+        x = _cap_and_scale(z, cols, vocab, inv_temperature, softcap, SOFTCAP)
         log_p = x - lse
         # Ignored rows contribute nothing, also when every logit is -inf (lse = -inf would make p NaN).
         p = tl.where(valid, tl.exp(log_p), 0.0)
@@ -136,7 +148,7 @@ def _token_logprobs_bwd_kernel(
             grad_x -= g_entropy * tl.where(p > 0, p * (log_p + entropy), 0.0)
         grad = grad_x * inv_temperature
         if SOFTCAP:
-            grad *= soft_cap_slope(x / inv_temperature, softcap)
+            grad *= soft_cap_slope(z, softcap)  # from the raw logits (see soft_cap_slope)
         tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 

@@ -130,7 +130,11 @@ def check_loads_without_code(path: Path, allowed_classes: list = ()) -> None:
     transformers allows): whatever loads it later (with full pickle, as DeepSpeed does) then meets only tensors,
     containers and those classes."""
     import torch
-    from transformers.trainer_pt_utils import safe_globals as numpy_rng_classes  # what transformers allows, too
+
+    try:  # what transformers allows, too (transformers 5; 4.x defines it in transformers.trainer)
+        from transformers.trainer_pt_utils import safe_globals as numpy_rng_classes
+    except ImportError:
+        from transformers.trainer import safe_globals as numpy_rng_classes
 
     if not zipfile.is_zipfile(path):  # torch.save's format; a bare pickle is what a planted file would be
         raise DamagedCheckpoint(f"{path} is not a torch.save archive; it is refused unread")

@@ -95,15 +95,14 @@ def _grad_logits(
     grad_entropy: torch.Tensor | None,
     temperature: float,
     col_offset: int = 0,
-    softcap: float = 0.0,
+    slope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d loss / d logits for the scaled logits `x = logits / T` of columns [col_offset, col_offset + x.shape[1]).
 
     Overwrites `x` (it becomes the result), so a tile costs no extra memory; 1/T is folded into the per-token
-    gradients rather than applied to the tile. With `softcap`, `x = cap tanh(logits / cap) / T`, and the result is
-    multiplied by the slope `1 - tanh^2` (one extra tile).
+    gradients rather than applied to the tile. With soft-capping, `x = cap tanh(logits / cap) / T`, and the result
+    is multiplied by `slope`, the cap's slope tile (`_softcap_slope`).
     """
-    slope = (x * (temperature / softcap)).square_().neg_().add_(1.0) if softcap else None
     g = (torch.where(valid, grad_logprobs, 0.0) / temperature).unsqueeze(-1)
     log_p = x.sub_(lse.unsqueeze(-1))
     if grad_entropy is None:
@@ -122,6 +121,12 @@ def _grad_logits(
     if ignored.numel():
         grad.index_fill_(0, ignored, 0.0)
     return grad.mul_(slope) if slope is not None else grad
+
+
+def _softcap_slope(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """d (cap tanh(logits / cap)) / d logits = sech^2(logits / cap), from the logits before capping: 1 - tanh^2 of
+    the capped fp32 value keeps no correct digit where tanh rounds to +-1 (0 from |logit| = 9 cap on)."""
+    return (logits / softcap).cosh_().reciprocal_().square_()  # cosh overflows to inf only where sech^2 underflows
 
 
 def _cap_and_scale_(x: torch.Tensor, softcap: float, temperature: float) -> torch.Tensor:
@@ -205,8 +210,10 @@ def token_logprobs_backward(
             x = block[start : start + step]
             rows = slice(first + start, first + start + x.shape[0])
             chunk_targets = targets[rows]
+            x = x.float() if x.dtype != torch.float32 else x.clone()
+            slope = _softcap_slope(x, softcap) if softcap else None
             grad_rows[rows] = _grad_logits(
-                _cap_and_scale_(x.float() if x.dtype != torch.float32 else x.clone(), softcap, temperature),
+                _cap_and_scale_(x, softcap, temperature),
                 lse[rows],
                 entropy[rows] if grad_entropy is not None else None,
                 chunk_targets.long(),
@@ -214,7 +221,7 @@ def token_logprobs_backward(
                 grad_logprobs[rows],
                 grad_entropy[rows] if grad_entropy is not None else None,
                 temperature,
-                softcap=softcap,
+                slope=slope,
             )
     return grad
 
@@ -354,10 +361,12 @@ def linear_logprobs_grad_logits(
     """Same contract as `sarkern.kernels.linear_logprobs_grad_logits`: the tile of logit gradients, computed in
     `out` when it is fp32 (and contiguous), copied into it when it has another dtype."""
     fp32_out = out if out is not None and out.dtype == torch.float32 else None
-    x = _logits_tile(hidden, weight, bias, temperature, out=fp32_out, softcap=softcap)
+    x = _logits_tile(hidden, weight, bias, 1.0 if softcap else temperature, out=fp32_out)
+    slope = _softcap_slope(x, softcap) if softcap else None
+    x = _cap_and_scale_(x, softcap, temperature) if softcap else x
     valid = targets != ignore_index
     grad = _grad_logits(
-        x, lse, entropy, targets.long(), valid, grad_logprobs, grad_entropy, temperature, col_offset, softcap
+        x, lse, entropy, targets.long(), valid, grad_logprobs, grad_entropy, temperature, col_offset, slope
     )
     return grad if out is None or out.dtype == torch.float32 else out.copy_(grad)
 

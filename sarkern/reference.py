@@ -9,6 +9,28 @@ from __future__ import annotations
 import torch
 
 
+class _SoftCap(torch.autograd.Function):
+    """`cap * tanh(z / cap)` whose gradient is sech^2(z / cap) from z itself. Autograd's own tanh backward forms
+    1 - tanh^2 from the rounded tanh, which is 0 wherever tanh rounds to +-1 (|z| > 19 cap in float64): no digit of
+    the true slope left for the ops' gradients to be compared with."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, cap: float) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.cap = cap
+        return cap * torch.tanh(z / cap)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        return grad * torch.cosh(z / ctx.cap).reciprocal().square(), None  # cosh overflows to inf: slope 0
+
+
+def soft_cap(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma 2's final-logit soft-capping, `softcap * tanh(logits / softcap)`."""
+    return _SoftCap.apply(logits, softcap)
+
+
 def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -21,7 +43,7 @@ def token_logprobs(
     """log softmax(logits / T)[target] and, optionally, the entropy of softmax(logits / T); 0 where ignored.
     With `softcap`, the logits are first replaced by `softcap * tanh(logits / softcap)`."""
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = soft_cap(logits, softcap)
     scaled = logits / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     ignored = targets == ignore_index

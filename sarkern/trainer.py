@@ -318,11 +318,14 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             self.sar_scorer.placeholder_prompts.for_prompt(first["prompt"])
 
     def create_accelerator_and_postprocess(self) -> None:
+        # transformers 5 gathers the FSDP settings in `args.fsdp_plugin_args`; 4.x passes them to accelerate through
+        # the environment (ACCELERATE_USE_FSDP, FSDP_*), which both checks read when given None.
+        fsdp_plugin_args = getattr(self.args, "fsdp_plugin_args", None)
         if self.sar_enabled:
-            refuse_fsdp1(self.args.fsdp_plugin_args)
+            refuse_fsdp1(fsdp_plugin_args)
         super().create_accelerator_and_postprocess()
         # accelerate turns FSDP and DeepSpeed off on CPU processes without a word: run FSDP2 as asked, refuse others.
-        if run_requested_engine(self.accelerator, self.args.fsdp_plugin_args):
+        if run_requested_engine(self.accelerator, fsdp_plugin_args):
             self.is_fsdp_enabled = True
 
     def _refuse_unsupported_setups(self) -> None:

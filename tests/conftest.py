@@ -37,3 +37,16 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "triton" in params.values() or item.get_closest_marker("triton_interpreter"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_accelerate_mixed_precision():
+    """transformers 4.x's `TrainingArguments(bf16=True)` writes ACCELERATE_MIXED_PRECISION=bf16 into the process
+    environment, and every later TrainingArguments without bf16 or fp16 inherits it: undo that after each test."""
+    name = "ACCELERATE_MIXED_PRECISION"
+    saved = os.environ.get(name)
+    yield
+    if saved is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = saved

@@ -99,6 +99,9 @@ _IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 def _family_specs() -> dict[str, tuple[type, type, dict]]:
     import transformers as tf
 
+    def _tf(name: str) -> type | None:  # None: a family this transformers release does not have
+        return getattr(tf, name, None)
+
     moe = {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
     return {
         "qwen3-yarn": (
@@ -114,18 +117,18 @@ def _family_specs() -> dict[str, tuple[type, type, dict]]:
                 },
             },
         ),
-        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, moe),
-        "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
+        "qwen3_moe": (_tf("Qwen3MoeConfig"), _tf("Qwen3MoeForCausalLM"), moe),
+        "olmo2": (_tf("Olmo2Config"), _tf("Olmo2ForCausalLM"), {}),
         # NoPE on every second layer, the RoPE layers sliding.
         "smollm3": (
-            tf.SmolLM3Config,
-            tf.SmolLM3ForCausalLM,
+            _tf("SmolLM3Config"),
+            _tf("SmolLM3ForCausalLM"),
             {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": SLIDING_WINDOW},
         ),
         # Sliding and global layers, two RoPE bases, linear scaling on the global layers.
         "gemma3": (
-            tf.Gemma3TextConfig,
-            tf.Gemma3ForCausalLM,
+            _tf("Gemma3TextConfig"),
+            _tf("Gemma3ForCausalLM"),
             {
                 "head_dim": 8,
                 "sliding_window": SLIDING_WINDOW,
@@ -138,8 +141,8 @@ def _family_specs() -> dict[str, tuple[type, type, dict]]:
         ),
         # Final-logit and attention soft-capping, with caps that bite at these scales.
         "gemma2": (
-            tf.Gemma2Config,
-            tf.Gemma2ForCausalLM,
+            _tf("Gemma2Config"),
+            _tf("Gemma2ForCausalLM"),
             {
                 "head_dim": 8,
                 "sliding_window": SLIDING_WINDOW,
@@ -152,8 +155,8 @@ def _family_specs() -> dict[str, tuple[type, type, dict]]:
         ),
         # Long factors beyond 24 positions: the test batches hold sequences on both sides.
         "phi3-longrope": (
-            tf.Phi3Config,
-            tf.Phi3ForCausalLM,
+            _tf("Phi3Config"),
+            _tf("Phi3ForCausalLM"),
             {
                 "original_max_position_embeddings": LONGROPE_ORIGINAL,
                 "rope_parameters": {
@@ -170,23 +173,27 @@ def _family_specs() -> dict[str, tuple[type, type, dict]]:
             LlamaForCausalLM,
             {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
         ),
-        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 4.0}),  # divides the logits
-        "hyperclovax": (tf.HyperCLOVAXConfig, tf.HyperCLOVAXForCausalLM, {"logits_scaling": 3.0}),  # multiplies
-        "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {"logit_scale": 3.0}),  # parallel blocks, logits scaled
+        "granite": (_tf("GraniteConfig"), _tf("GraniteForCausalLM"), {"logits_scaling": 4.0}),  # divides the logits
+        "hyperclovax": (_tf("HyperCLOVAXConfig"), _tf("HyperCLOVAXForCausalLM"), {"logits_scaling": 3.0}),  # multiplies
+        "cohere": (
+            _tf("CohereConfig"),
+            _tf("CohereForCausalLM"),
+            {"logit_scale": 3.0},
+        ),  # parallel blocks, logits scaled
         "mixtral": (
-            tf.MixtralConfig,
-            tf.MixtralForCausalLM,
+            _tf("MixtralConfig"),
+            _tf("MixtralForCausalLM"),
             {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": SLIDING_WINDOW},
         ),
         "qwen2_moe": (
-            tf.Qwen2MoeConfig,
-            tf.Qwen2MoeForCausalLM,
+            _tf("Qwen2MoeConfig"),
+            _tf("Qwen2MoeForCausalLM"),
             {**moe, "shared_expert_intermediate_size": 16},
         ),
-        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 8}),
-        "phi": (tf.PhiConfig, tf.PhiForCausalLM, {}),  # partial rotary, LayerNorm, parallel blocks
-        "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM, {"head_dim": 8}),
-        "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM, {"sliding_window": SLIDING_WINDOW}),
+        "gemma": (_tf("GemmaConfig"), _tf("GemmaForCausalLM"), {"head_dim": 8}),
+        "phi": (_tf("PhiConfig"), _tf("PhiForCausalLM"), {}),  # partial rotary, LayerNorm, parallel blocks
+        "glm4": (_tf("Glm4Config"), _tf("Glm4ForCausalLM"), {"head_dim": 8}),
+        "olmo3": (_tf("Olmo3Config"), _tf("Olmo3ForCausalLM"), {"sliding_window": SLIDING_WINDOW}),
     }
 
 
@@ -210,8 +217,34 @@ def tiny_family_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
         )  # fmt: skip
         return GPT2LMHeadModel(config).float().eval()
     config_cls, model_cls, extra = _family_specs()[name]
-    config = config_cls(**{**_COMMON, **_IDS, **extra, **overrides})
+    if config_cls is None or model_cls is None:  # setup.py admits transformers releases from before the family
+        import pytest
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} has no {name} family")
+    config = config_cls(**{**_COMMON, **_IDS, **_rope_fields_for_release(extra), **overrides})
     return model_cls(config).float().eval()
+
+
+def _rope_fields_for_release(fields: dict) -> dict:
+    """`fields` with transformers 5's `rope_parameters` written as 4.x's `rope_theta` / `rope_scaling` (and Gemma 3's
+    `rope_local_base_freq`) on a 4.x release, which would otherwise ignore them and build plain RoPE."""
+    import transformers
+    from packaging.version import Version
+
+    if "rope_parameters" not in fields or Version(transformers.__version__).major >= 5:
+        return fields
+    fields = dict(fields)
+    rope = dict(fields.pop("rope_parameters"))
+    if "full_attention" in rope:  # per layer type (Gemma 3): the sliding layers' base is the local one
+        fields["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = dict(rope["full_attention"])
+    fields["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type") == "longrope":  # 4.x's Phi-3 wants exactly these three keys
+        rope = {"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        fields["rope_scaling"] = rope
+    return fields
 
 
 def _base_tokenizer() -> Tokenizer:

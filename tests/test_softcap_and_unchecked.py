@@ -1,10 +1,12 @@
 """`softcap` (final-logit soft-capping) and `check_inputs=False` on every op and backend.
 
-Soft-capping is checked against the float64 reference with gradients. The kernels build tanh from `exp`, whose
-absolute error is a few units of fp32 rounding of the capped value (`cap * tanh` is at most `cap`): 4 u cap on
-each capped logit, which moves a log-prob or an entropy by at most twice that after the division by T, on top of
-the uncapped bound of `fp32_logprob_atol` (through the cap's slope, which is at most 1).
+Soft-capping is checked against the float64 reference with gradients: first at the mixed scales of real logits
+(within the uncapped bound of `fp32_logprob_atol` plus 4 u cap per capped logit, moved at most twice that in a
+log-prob or an entropy after the division by T), then for accuracy to fp32 rounding relative to each value, for
+every |z|: the cap and its slope on their own, then the ops' log-probs and logit gradients (see "Accuracy").
 """
+
+import math
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from op_helpers import (
     BACKENDS,
     DEVICE,
     FP32_UNIT_ROUNDOFF,
+    HAS_TRITON,
     LOGPROB_ATOL,
     assert_grad_close,
     fp32_logprob_atol,
@@ -20,7 +23,7 @@ from op_helpers import (
 )
 
 import sarkern
-from sarkern import ops, reference
+from sarkern import chunked, ops, reference
 
 
 @pytest.fixture(params=BACKENDS)
@@ -124,6 +127,185 @@ def test_bad_softcap_is_refused(bad):
         sarkern.token_logprobs(logits, targets, softcap=bad)
     with pytest.raises((ValueError, TypeError), match="softcap"):
         sarkern.linear_token_logprobs(torch.randn(2, 4), torch.randn(9, 4), targets, softcap=bad)
+
+
+# ------------------------------------------------------------------------------------------------------- Accuracy
+# A logit much smaller than the cap must stay exact to its own scale (cap tanh(z / cap) ~ z), not to the cap's: the
+# Triton kernels once formed tanh as (1 - e) / (1 + e), e = exp(-2|z / cap|), off by ~ cap u absolute (1e4 units of
+# rounding at z = 1e-3, cap = 30), and both backends formed the slope as 1 - tanh^2 of the capped fp32 value, which
+# is 0 from |z| = 9 cap on. Bounds in units u = 2^-24 of fp32 rounding:
+#   the cap: z / cap and cap * t round by u/2 each, tanh is within 1 ulp (2 u: torch) or 3.2 u (the kernels: 1.1 u
+#   by their polynomial below |z / cap| = 0.55, 3.2 u by exp beyond): CAP_ULPS = 6 relative;
+#   the slope sech^2(z / cap) = 4e / (1 + e)^2 (kernels) or 1 / cosh^2 (torch): a few units, plus 2 |z / cap| u,
+#   what the rounding of z / cap costs through the exponential's condition number.
+U = FP32_UNIT_ROUNDOFF
+CAP_ULPS = 6
+SLOPE_ULPS = 6
+CAP = 30.0
+
+
+def _cap_sweep(cap: float) -> torch.Tensor:
+    """fp32 logits from 1e-30 cap to 1e3 cap in magnitude, both signs, densely around the polynomial's end."""
+    g = torch.Generator().manual_seed(11)
+    magnitudes = torch.cat(
+        [
+            torch.logspace(-30, 3, 4000, dtype=torch.float64),
+            torch.linspace(0.3, 1.0, 2000, dtype=torch.float64),
+            torch.rand(2000, generator=g, dtype=torch.float64) * 20,
+        ]
+    )
+    signs = torch.where(torch.rand(magnitudes.shape, generator=g) < 0.5, -1.0, 1.0).double()
+    return (magnitudes * signs * cap).float()
+
+
+def _exact_cap_and_slope(z: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    u = z.double() / cap
+    return cap * torch.tanh(u), torch.cosh(u).reciprocal().square()
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """|actual - expected| / |expected|, elementwise; a value below fp32's normal range (2^-126, where its spacing
+    stops shrinking) is judged absolutely: an underflow is rounding too."""
+    excess = ((actual.double() - expected).abs() - torch.finfo(torch.float32).tiny).clamp(min=0)
+    return torch.where(excess > 0, excess / expected.abs(), 0.0)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from sarkern.kernels._common import soft_cap, soft_cap_slope
+
+    @triton.jit
+    def _cap_kernel(z_ptr, capped_ptr, slope_ptr, n, cap, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        z = tl.load(z_ptr + offsets, mask=mask, other=0.0)
+        tl.store(capped_ptr + offsets, soft_cap(z, cap), mask=mask)
+        tl.store(slope_ptr + offsets, soft_cap_slope(z, cap), mask=mask)
+
+
+def _backend_cap_and_slope(backend: str, z: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cap and its slope as the backend's ops compute them, on fp32 logits `z`."""
+    if backend == "torch":
+        return chunked._cap_and_scale_(z.clone(), cap, 1.0), chunked._softcap_slope(z, cap)
+    z = z.to(DEVICE)
+    capped, slope = torch.empty_like(z), torch.empty_like(z)
+    block = 1024
+    _cap_kernel[(triton.cdiv(z.numel(), block),)](z, capped, slope, z.numel(), cap, BLOCK=block)
+    return capped.cpu(), slope.cpu()
+
+
+@pytest.mark.parametrize("cap", [CAP, 0.5, 1e4])
+def test_the_cap_and_its_slope_are_accurate_to_fp32_rounding_for_every_logit(backend, cap):
+    z = _cap_sweep(cap)
+    capped, slope = _backend_cap_and_slope(backend, z, cap)
+    exact_capped, exact_slope = _exact_cap_and_slope(z, cap)
+    cap_error = _relative_error(capped, exact_capped)
+    worst = cap_error.argmax()
+    assert cap_error.max() <= CAP_ULPS * U, f"cap off by {cap_error[worst] / U:.1f} u at z = {z[worst].item():.3e}"
+    slope_bound = (SLOPE_ULPS + 2 * (z.double() / cap).abs()) * U
+    slope_error = _relative_error(slope, exact_slope)
+    worst = (slope_error / slope_bound).argmax()
+    assert (slope_error <= slope_bound).all(), (
+        f"slope off by {slope_error[worst] / U:.1f} u at z = {z[worst].item():.3e}"
+    )
+    # The sign is kept down to the smallest logits, and the cap is odd.
+    assert torch.equal(capped.sign(), z.sign())
+    assert torch.equal(_backend_cap_and_slope(backend, -z, cap)[0], -capped)
+
+
+def test_the_cap_of_special_values(backend):
+    z = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.0e38, -3.0e38])
+    capped, slope = _backend_cap_and_slope(backend, z, CAP)
+    torch.testing.assert_close(capped[:4], torch.tensor([0.0, -0.0, CAP, -CAP]), rtol=0, atol=0)
+    assert capped[4].isnan() and slope[4].isnan()
+    torch.testing.assert_close(capped[5:], torch.tensor([CAP, -CAP]), rtol=0, atol=0)
+    torch.testing.assert_close(slope[[0, 1, 2, 3, 5, 6]], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), rtol=0, atol=0)
+
+
+def _accuracy_logits(case: str, rows: int, vocab: int, cap: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rows * vocab)
+    z = torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    if case == "small":  # |z| ~ 1e-3 cap / 30: the linear part of tanh
+        return (z * 1e-3 * cap / 30).float()
+    if case == "large":  # |z| ~ 7 cap: saturated
+        return (z * 7 * cap).float()
+    spread = torch.logspace(-5, 1.5, vocab, dtype=torch.float64)[torch.randperm(vocab, generator=g)]
+    return (z * spread * cap).float()  # mixed: from 1e-5 cap to 30 cap in one row
+
+
+def _assert_logprobs_and_grads_accurate(logprobs, grad, expected_logprobs, expected_grad, z, cap, temperature):
+    """Against float64, with bounds from fp32 rounding (u = 2^-24), relative to each value:
+    x = cap tanh(z / cap) / T is within CAP_ULPS u + u/2 of |x|; lse = m + log s moves by at most the largest of
+    those errors, plus u |lse| for its own rounding, the relative error of the sum s of exponentials (its terms
+    within (|x - m| + 2) u each, weighted by p) and (log2 V + 4) u for summing them in blocks; a log-prob
+    (x_t - m) - log s adds u |log p| for its rounding.
+    A gradient (onehot - p) slope / T: p = exp(x - lse) is within |error of x - lse| + u |x - lse| + 2 u
+    relatively, and the slope within (SLOPE_ULPS + 2 |z / cap|) u; then two roundings of the products."""
+    x = (cap * torch.tanh(z.double() / cap)) / temperature
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    vocab = z.shape[-1]
+    x_error = (CAP_ULPS + 0.5) * U * x.abs()
+    p = torch.softmax(x, dim=-1)
+    term_error = (p * ((x - x.amax(-1, keepdim=True)).abs() + 2)).sum(-1, keepdim=True) * U  # s's terms, weighted
+    lse_error = x_error.amax(-1, keepdim=True) + U * lse.abs() + term_error + (math.log2(vocab) + 4) * U
+    logprob_bound = (2 * x_error.amax(-1) + lse_error.squeeze(-1) + U * expected_logprobs.abs()).where(
+        expected_logprobs != 0, 0.0
+    )
+    error = (logprobs.double() - expected_logprobs).abs()
+    worst = (error / logprob_bound.clamp(min=1e-300)).argmax()
+    assert (error <= logprob_bound).all(), (
+        f"log-prob off by {error.flatten()[worst] / U:.1f} u (bound {logprob_bound.flatten()[worst] / U:.1f} u)"
+    )
+    p_error = x_error + lse_error + U * (x - lse).abs() + 2 * U
+    slope_error = (SLOPE_ULPS + 2 * (z.double() / cap).abs()) * U
+    grad_bound = p_error + slope_error + 2 * U
+    # The target's own entry (1 - p) is within p's error times p / (1 - p) of itself: no larger where p < 1/2.
+    grad_error = _relative_error(grad, expected_grad)
+    worst = (grad_error / grad_bound).argmax()
+    assert (grad_error <= grad_bound).all(), (
+        f"logit gradient off by {grad_error.flatten()[worst] / U:.1f} u (bound {grad_bound.flatten()[worst] / U:.1f} u)"
+        f" at z = {z.flatten()[worst].item():.3e}"
+    )
+
+
+@pytest.mark.parametrize("case", ["small", "large", "mixed"])
+@pytest.mark.parametrize("cap,temperature", [(CAP, 1.0), (1e3, 0.7)])
+def test_token_logprobs_softcap_accurate_to_fp32_rounding(backend, case, cap, temperature):
+    rows, vocab = 6, 300
+    z = _accuracy_logits(case, rows, vocab, cap)
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    logits, logits_ref = z.clone().to(DEVICE).requires_grad_(True), z.double().to(DEVICE).requires_grad_(True)
+    out = sarkern.token_logprobs(logits, targets, temperature=temperature, softcap=cap)
+    ref = reference.token_logprobs(logits_ref, targets, temperature=temperature, softcap=cap)
+    out.sum().backward()
+    ref.sum().backward()
+    _assert_logprobs_and_grads_accurate(
+        out.detach().cpu(), logits.grad.cpu(), ref.detach().cpu(), logits_ref.grad.cpu(), z, cap, temperature
+    )
+
+
+@pytest.mark.parametrize("case", ["small", "large", "mixed"])
+def test_linear_token_logprobs_softcap_accurate_to_fp32_rounding(backend, case):
+    """One-hot hidden states make every logit a weight entry, exactly (one product by 1 per sum), so what is left
+    is the cap's rounding and the log-softmax's; the weight's gradient is then the logit gradient itself."""
+    rows, vocab, cap = 6, 300, CAP
+    z = _accuracy_logits(case, rows, vocab, cap)
+    dim = 8
+    columns = torch.randperm(dim, generator=torch.Generator().manual_seed(4))[:rows]
+    hidden = torch.zeros(rows, dim)
+    hidden[torch.arange(rows), columns] = 1.0
+    weight = torch.zeros(vocab, dim)
+    weight[:, columns] = z.T
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    w, w_ref = weight.clone().to(DEVICE).requires_grad_(True), weight.double().to(DEVICE).requires_grad_(True)
+    out = sarkern.linear_token_logprobs(hidden.to(DEVICE), w, targets, softcap=cap)
+    ref = reference.linear_token_logprobs(hidden.double().to(DEVICE), w_ref, targets, softcap=cap)
+    out.sum().backward()
+    ref.sum().backward()
+    grad, grad_ref = w.grad.cpu()[:, columns].T, w_ref.grad.cpu()[:, columns].T
+    _assert_logprobs_and_grads_accurate(out.detach().cpu(), grad, ref.detach().cpu(), grad_ref, z, cap, 1.0)
 
 
 # ----------------------------------------------------------------------------------------- check_inputs=False

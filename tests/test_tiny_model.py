@@ -23,6 +23,8 @@ from sarkern.tiny.tokenizer import (
     SPECIAL_TOKENS,
     build_tokenizer,
     byte_symbols,
+    portable_tokenizer_config,
+    save_tokenizer,
     stop_token_ids,
 )
 
@@ -148,6 +150,24 @@ def test_saved_tokenizer_loads_from_a_qwen2_model_directory(tokenizer, tmp_path)
     config.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     _assert_same_tokenizer(AutoTokenizer.from_pretrained(tmp_path), tokenizer)
+
+
+def test_saved_tokenizer_files_load_alike_on_transformers_4_and_5(tokenizer, tmp_path):
+    """What the build writes (and the bundled model ships) is read the same by every transformers release setup.py
+    admits: no class or key only one of them knows (transformers 5's own save names `TokenizersBackend`, which 4.x
+    lacks). The suite runs under both (`make test-oldest`)."""
+    save_tokenizer(tokenizer, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config == portable_tokenizer_config(tokenizer)
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in config
+    bundled = json.loads((TINY_MODEL_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert bundled == config
+    for directory in (tmp_path, TINY_MODEL_DIR):
+        loaded = AutoTokenizer.from_pretrained(directory)
+        _assert_same_tokenizer(loaded, tokenizer)
+        assert loaded("ab")["input_ids"] == tokenizer("ab")["input_ids"]
+        assert set(loaded("ab")) == {"input_ids", "attention_mask"}  # no token type ids for `generate` to refuse
+        assert loaded.padding_side == "left" and loaded.model_max_length == tokenizer.model_max_length
 
 
 # ----------------------------------------------------------------------------------------------------------------------

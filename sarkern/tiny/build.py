@@ -32,7 +32,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config,
 from sarkern.tasks import Verbosity, generate_problems, make_prompt
 from sarkern.tiny import TINY_MODEL_DIR, load_tiny_model
 from sarkern.tiny.evaluate import evaluate_accuracy
-from sarkern.tiny.tokenizer import build_tokenizer, stop_token_ids
+from sarkern.tiny.tokenizer import build_tokenizer, save_tokenizer, stop_token_ids
 
 IGNORE_INDEX = -100
 
@@ -238,7 +238,7 @@ def save(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path)
         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, max_new_tokens=200
     )
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)  # loadable by transformers 4.56+ and 5.x alike
     for path in out.iterdir():  # safetensors writes owner-only files; package data should be world-readable
         if path.is_file():
             path.chmod(0o644)

@@ -24,6 +24,9 @@ Like Qwen there is no BOS token: every sequence starts with `<|im_start|>` throu
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -98,6 +101,9 @@ def build_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
         additional_special_tokens=[ENDOFTEXT_TOKEN, IM_START_TOKEN],
         model_max_length=model_max_length,
         padding_side="left",  # decoder-only generation pads on the left
+        # A causal LM takes no token type ids (transformers 4.x's fast tokenizer would return them, and `generate`
+        # refuses them).
+        model_input_names=["input_ids", "attention_mask"],
         # Text must round-trip exactly: no " ." -> "." clean-up on decode.
         clean_up_tokenization_spaces=False,
     )
@@ -108,3 +114,30 @@ def build_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
 def stop_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     """Ids generation should stop on: end of turn first (the EOS), then end of text."""
     return [tokenizer.convert_tokens_to_ids(IM_END_TOKEN), tokenizer.convert_tokens_to_ids(ENDOFTEXT_TOKEN)]
+
+
+def portable_tokenizer_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, object]:
+    """`tokenizer_config.json` for `build_tokenizer`'s tokenizer in keys transformers 4.56+ and 5.x read alike.
+
+    transformers 5 saves `tokenizer_class: TokenizersBackend` and `extra_special_tokens` as a list, which 4.x cannot
+    load (no such class; a dict expected). `PreTrainedTokenizerFast` and `additional_special_tokens` are what 4.x
+    writes, and 5.x still reads them (the tokenizer itself is in `tokenizer.json`, which both read)."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "additional_special_tokens": [ENDOFTEXT_TOKEN, IM_START_TOKEN],
+        "bos_token": None,
+        "eos_token": IM_END_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": tokenizer.model_max_length,
+        "padding_side": tokenizer.padding_side,
+        "model_input_names": list(tokenizer.model_input_names),
+    }
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """`tokenizer.save_pretrained(out)` with `portable_tokenizer_config` in place of the version-specific config."""
+    tokenizer.save_pretrained(out)
+    config = json.dumps(portable_tokenizer_config(tokenizer), indent=2, sort_keys=True)
+    (Path(out) / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
