@@ -26,7 +26,8 @@ test: $(STAMP)
 # The oldest transformers setup.py admits (TRL 1.16's own floor), tested in a second, light venv that shares .venv's
 # packages through a .pth file and holds only what that release needs to differ: transformers 4.x wants tokenizers
 # <= 0.23.0 and huggingface_hub < 1.0, and datasets 5.x wants huggingface_hub >= 1.31, so datasets (4.8.5, with the
-# fsspec and httpx it pins) differs too. Runs the scorer, trainer, CLI, tiny-model and TRL drop-in tests (~3 min).
+# fsspec and httpx it pins) differs too. Runs the scorer, placeholder, trainer, CLI, tiny-model and TRL drop-in tests
+# (~1-3 min).
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_TRANSFORMERS ?= 4.56.2
@@ -34,6 +35,7 @@ OLDEST_PINS ?= transformers==$(OLDEST_TRANSFORMERS) tokenizers==0.22.2 huggingfa
 	fsspec==2026.2.0 httpx==0.28.1 httpcore==1.0.9
 OLDEST_STAMP := $(OLDEST_VENV)/.sarkern-oldest-installed
 OLDEST_TESTS ?= tests/test_scorer.py tests/test_tiny_model.py tests/test_cli.py tests/test_trl_dropin.py \
+	tests/test_placeholder.py tests/test_paper_preset.py tests/test_cli_paper.py tests/test_sar_reward.py \
 	tests/test_trainer.py::test_sar_is_scored_logged_and_enters_the_advantages \
 	tests/test_trainer.py::test_old_logprobs_are_reused_when_the_trainer_has_them \
 	tests/test_trainer.py::test_trainer_with_a_peft_lora_policy
