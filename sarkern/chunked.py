@@ -1,15 +1,16 @@
 """The chunked PyTorch path: the ops' numbers without Triton, in bounded memory.
 
-Logits exist only one tile of `[tokens, vocab]` at a time, and the tiles of a token chunk are merged with an online
-log-sum-exp, exactly as the Triton kernels do it. Everything is computed in fp32 whatever the input dtype.
+Logits exist only one tile of `[tokens, vocab]` at a time (one per thread), and the vocabulary blocks' partial log-
+sum-exps are merged afterwards, as the Triton kernels merge their splits. Everything is computed in fp32 whatever
+the input dtype.
 
 Schedule (`_run_tiles`): the tiles of a call are shared out among the torch threads, each thread taking the next
 tile when it finishes one and running it single-threaded (GEMM and passes), into its own tile buffer. Splitting
-every op of every tile across the threads instead (torch's default) makes a thousand-odd OpenMP regions per call,
-each ending in a barrier: a thread that another process preempts stalls every region, and the waiting threads spin,
-taking the CPU away from it (issue 23: 0.8x-6.3x naive time from run to run on a shared 2-core machine; see
-benchmarks/results/cpu-stability-2026-12-02.md). One region per call with tiles handed out as threads free up has
-no barrier but the last tile.
+every op of every tile across the threads instead (torch's default) makes hundreds to thousands of OpenMP regions
+per call, each ending in a barrier: a thread that another process preempts stalls every region, and the waiting
+threads spin, taking the CPU away from it (issue 23: 0.8x-6.3x naive time from run to run on a shared 2-core
+machine; see kernels/PERFORMANCE.md, CPU path). One region per call with tiles handed out as threads free up has no
+barrier but the last tile.
 
 Tile shapes come from how the GEMM and the passes over a tile use the cache (`tile_shape`): each GEMM call reads a
 block of hidden rows and a block of the LM head; its output tile should stay in the core's L2 cache for the passes
