@@ -8,6 +8,9 @@ Writes, under `benchmarks/results/`, for one run tagged `<device>-<date>`:
 - `<tag>.png`: the same ratios as a plot.
 
 `python benchmarks/run.py --report FILE.json` re-renders the table and the plot of an earlier run.
+
+On CPU this suite's medians come from one process per contender; how steady the chunked path is over fresh
+processes, idle and beside a busy core, is `python benchmarks/cpu_stability.py` (`cpu-stability-<date>.md`).
 """
 
 from __future__ import annotations
