@@ -116,16 +116,21 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _run_tiles(n_tiles: int, make_worker: Callable[[], Callable[[int], None]]) -> None:
+def _run_tiles(
+    n_tiles: int, make_worker: Callable[[], Callable[[int], None]], *, sums_per_thread: bool = False
+) -> None:
     """Run tiles 0 .. n_tiles - 1, shared out among `torch.get_num_threads()` threads (the caller's included).
 
     Each thread builds its own `work = make_worker()` (its tile buffers and accumulators), then takes the next tile
     whenever it finishes one, and runs it with one intra-op thread: one parallel region per call, balanced however
     the OS shares the cores out, instead of one per op of each tile (see the module's docstring). Tiles write
-    disjoint parts of the results.
+    disjoint parts of the results, or (`sums_per_thread`) add into per-thread accumulators, whose last bits then
+    depend on which thread took which tile: under `torch.use_deterministic_algorithms(True)` such a call runs its
+    tiles in order on the caller's thread, with torch's own threading in each op, bitwise reproducible.
     """
     threads = torch.get_num_threads()
-    workers = min(threads, n_tiles) if _per_thread_thread_counts() else 1
+    reproducible = sums_per_thread and torch.are_deterministic_algorithms_enabled()
+    workers = min(threads, n_tiles) if _per_thread_thread_counts() and not reproducible else 1
     if workers <= 1:
         work = make_worker()
         for tile in range(n_tiles):
@@ -610,7 +615,7 @@ def linear_logprobs_backward(
 
         return work
 
-    _run_tiles(-(-vocab // vocab_chunk), make_worker)
+    _run_tiles(-(-vocab // vocab_chunk), make_worker, sums_per_thread=needs_hidden_grad)
     if needs_hidden_grad:
         for other in hidden_accs[1:]:
             hidden_acc += other

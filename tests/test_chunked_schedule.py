@@ -79,3 +79,34 @@ def test_a_worker_error_reaches_the_caller():
     with pytest.raises(ValueError, match="tile 5"):
         _with_threads(2, lambda: chunked._run_tiles(40, make_worker))
     assert _with_threads(2, torch.get_num_threads) == 2
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_sums_across_tiles_run_in_order_on_the_caller_under_deterministic_algorithms(many_tiles, deterministic):
+    """Per-thread partial sums (the hidden gradient) depend on which thread took which tile: with deterministic
+    algorithms asked for, such a call runs every tile on the caller's thread, in order, and repeats bit for bit."""
+    import threading
+
+    seen = []
+
+    def make_worker():
+        return lambda tile: seen.append((threading.get_ident(), tile))
+
+    _with_threads(4, lambda: chunked._run_tiles(8, make_worker, sums_per_thread=True))
+    assert seen == [(threading.get_ident(), tile) for tile in range(8)]
+    hidden, weight, targets = _inputs(2)
+
+    def hidden_grad():
+        h = hidden.clone().requires_grad_(True)
+        sarkern.linear_token_logprobs(h, weight, targets).sum().backward()
+        return h.grad
+
+    first, again = _with_threads(4, hidden_grad), _with_threads(4, hidden_grad)
+    assert torch.equal(first, again)
