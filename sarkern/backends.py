@@ -45,8 +45,7 @@ def interpreter_problem() -> str | None:
     return _interpreter_probe()
 
 
-@lru_cache(maxsize=1)
-def _interpreter_probe() -> str | None:
+def _probe_kernel():
     import triton
     import triton.language as tl
 
@@ -57,9 +56,14 @@ def _interpreter_probe() -> str | None:
             total += i
         tl.store(out_ptr, total)
 
+    return sum_to_n
+
+
+@lru_cache(maxsize=1)
+def _interpreter_probe() -> str | None:
     out = torch.zeros(1, dtype=torch.int32)
     try:
-        sum_to_n[(1,)](out, 4)
+        _probe_kernel()[(1,)](out, 4)
     except Exception as error:  # noqa: BLE001 - whatever the interpreter raises, it cannot run the kernels
         versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("triton", "numpy"))
         return (

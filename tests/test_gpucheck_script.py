@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpucheck import install, interpreter  # noqa: E402
+from gpucheck import install  # noqa: E402
 from gpucheck.environment import source_digest  # noqa: E402
 from gpucheck.gpu_tests import gpu_test_parts, import_check, junit_summary, log_summary  # noqa: E402
 from gpucheck.main import SECTION_GRACE_S, SECTIONS, build_parser, section_budget  # noqa: E402
@@ -286,17 +286,24 @@ def test_peer_requirements_name_the_rows_lost(monkeypatch):
 
 
 def test_interpreter_refusal_names_the_combination(monkeypatch):
+    """The tiny run refuses sarkern[triton] with the installed sarkern's own check (sarkern.backends)."""
+    from sarkern import backends
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     def broken():
         raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
 
-    monkeypatch.setattr(interpreter, "_probe_kernel", broken)
-    monkeypatch.setattr(interpreter.importlib.metadata, "version", {"triton": "3.6.0", "numpy": "2.5.2"}.get)
-    why = interpreter.interpreter_refusal()
-    assert "Triton 3.6.0" in why and "numpy 2.5.2" in why and "0-dimensional" in why
+    monkeypatch.setattr(backends, "_probe_kernel", broken)
+    monkeypatch.setattr(backends.importlib.metadata, "version", {"triton": "3.6.0", "numpy": "2.5.2"}.get)
+    backends._interpreter_probe.cache_clear()
+    try:
+        why = backends.interpreter_problem()
+    finally:
+        backends._interpreter_probe.cache_clear()  # the real probe again for the tests after this one
+    assert "triton 3.6.0" in why and "numpy 2.5.2" in why and "0-dimensional" in why
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert interpreter.interpreter_refusal() is None  # compiled kernels: nothing to probe
+    assert backends.interpreter_problem() is None  # compiled kernels: nothing to probe
 
 
 def test_the_report_names_its_card(tmp_path):

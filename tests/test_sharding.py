@@ -134,6 +134,17 @@ TRAIN_RUNNER = Path(__file__).with_name("two_process_sharded_train.py")
 CONFIGS = Path(__file__).parents[1] / "examples" / "accelerate"
 
 
+def launch_two_processes(config: str, runner: Path, out: Path, port: int) -> None:
+    """`runner OUT` on two CPU processes under `accelerate launch` with the shipped accelerate config `config`."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port), str(runner), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TWO_PROCESS_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
 @pytest.mark.parametrize(
     ("config", "distributed_type", "engine"),
     [
@@ -150,14 +161,7 @@ def test_two_training_steps_score_sar_as_a_single_process_would(tmp_path, free_p
     weights at step 1, the updated ones at step 2), within fp32 rounding."""
     if engine.startswith("DeepSpeed"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port),
-        str(TRAIN_RUNNER), str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TWO_PROCESS_TIMEOUT_S, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    launch_two_processes(config, TRAIN_RUNNER, tmp_path, free_port)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,14 +219,7 @@ def test_zero3_policy_partitioned_at_load_is_checked_at_construction(tmp_path, f
     every process, inside the engine's gathering (the LM head whole there, a placeholder again after): a policy no
     path can score is refused at construction on both processes, not at step 1, and the bundled model passes."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port),
-        str(CONSTRUCTION_RUNNER), str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TWO_PROCESS_TIMEOUT_S, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    launch_two_processes("zero3.yaml", CONSTRUCTION_RUNNER, tmp_path, free_port)
     for rank in (0, 1):
         run = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert run["zero3_init"] and run["processes"] == [rank, 2]

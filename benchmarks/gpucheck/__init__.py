@@ -5,7 +5,8 @@ In order, each section in its own process and time budget (a hung kernel is kill
 its section), a failure in one recorded and the next one run:
 1. the device and versions (torch, Triton, driver, sarkern's commit and source digest, the peers and what they need),
    the peers whose requirements the image does not meet (their rows refused by name), and on the CPU whether
-   Triton's interpreter can run sarkern's kernels: `environment.py` (`install.py`, `interpreter.py`);
+   Triton's interpreter can run sarkern's kernels: `environment.py` (`install.py`,
+   `sarkern.backends.interpreter_problem`);
 2. `tests/test_gpu_*.py` through pytest against the installed sarkern, the Triton kernel tests first, then the
    FlexAttention ones (subprocesses with hard timeouts; pass/fail per test recorded; which sarkern they imported
    recorded by the `import_probe.py` plugin and checked): `gpu_tests.py`;

@@ -16,7 +16,6 @@ import torch
 
 from . import ROOT
 from .install import peer_requirements, report_peer_requirements
-from .interpreter import interpreter_refusal
 from .report import Run
 from .settings import MiB
 from .variants import primary_sarkern
@@ -119,7 +118,9 @@ def environment(run: Run) -> None:
         "backends": list(run.settings.backends),
     }
     # Refused up front, by name, rather than failing (or crashing a section's process) in the middle of its rows.
-    refused = interpreter_refusal() if "triton" in run.settings.backends else None
+    from sarkern.backends import interpreter_problem  # the installed copy's check, as its ops would refuse
+
+    refused = interpreter_problem() if "triton" in run.settings.backends else None
     run.data["sarkern"]["refused_backends"] = {"triton": refused} if refused else {}
     run.data["primary_sarkern"] = primary_sarkern(run)
     for key in ("machine", "versions", "sarkern"):
