@@ -35,6 +35,7 @@ import torch
 import transformers
 import trl
 from accelerate.logging import get_logger
+from datasets import Dataset
 from packaging.version import Version
 from torch import nn
 from transformers.generation import GenerationMode
@@ -308,14 +309,10 @@ class SARGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         turn, or plain-text prompts for a tokenizer with nothing to start a text with, are refused at construction
         (by name, with the way out) rather than at the first step."""
         dataset = self.train_dataset
-        if isinstance(dataset, dict):  # TRL accepts a dict of datasets only for evaluation; be safe
+        if not isinstance(dataset, Dataset) or len(dataset) == 0:  # an IterableDataset is not read ahead of time
             return
-        try:
-            first = dataset[0] if dataset is not None and len(dataset) > 0 else None
-        except (TypeError, NotImplementedError):  # an IterableDataset: nothing to look at without consuming it
-            return
-        if isinstance(first, dict) and "prompt" in first:
-            self.sar_scorer.placeholder_prompts.for_prompt(first["prompt"])
+        if "prompt" in dataset.column_names:
+            self.sar_scorer.placeholder_prompts.for_prompt(dataset[0]["prompt"])
 
     def create_accelerator_and_postprocess(self) -> None:
         # transformers 5 gathers the FSDP settings in `args.fsdp_plugin_args`; 4.x passes them to accelerate through
